@@ -1,0 +1,1 @@
+"""The broker service: WebSocket ingest into the Postgres outbox, and the relay."""

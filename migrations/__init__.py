@@ -1,0 +1,1 @@
+"""alembic environment and revisions of the runledger schema."""

@@ -1,0 +1,1 @@
+"""The runledger command line: composes the runner, broker, relay and web tier."""

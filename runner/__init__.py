@@ -1,0 +1,1 @@
+"""The runner daemon: runs commands, spools their events, sends them to a broker."""

@@ -117,8 +117,8 @@ def load_queries(path: Path) -> dict[str, Query]:
         if match:
             finish()
             name, description, lines = match["name"], "", []
-        elif name is not None and not lines and not description and line.startswith(
-            "--"
+        elif (
+            name is not None and not lines and not description and line.startswith("--")
         ):
             description = line.lstrip("-").strip()
         elif name is not None:

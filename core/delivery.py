@@ -43,7 +43,9 @@ class DeliveryBatch(msgspec.Struct):
     late: bool = False
 
 
-def delivery_id_for(command_id: uuid.UUID, first_sequence: int, last_sequence: int) -> str:
+def delivery_id_for(
+    command_id: uuid.UUID, first_sequence: int, last_sequence: int
+) -> str:
     """A delivery id that is the same on every retry of the same events."""
     return f"{command_id}:{first_sequence}-{last_sequence}"
 

@@ -44,8 +44,12 @@ FINAL_STATUSES = ("succeeded", "failed", "cancelled", "lost")
 runners = Table(
     "runners",
     metadata,
-    Column("id", UUID(as_uuid=True), primary_key=True,
-           server_default=text("gen_random_uuid()")),
+    Column(
+        "id",
+        UUID(as_uuid=True),
+        primary_key=True,
+        server_default=text("gen_random_uuid()"),
+    ),
     Column("name", Text, nullable=False, unique=True),
     # SHA-256 of the token, hex; the token itself is never stored.
     Column("token_hash", Text, nullable=False, unique=True),
@@ -62,8 +66,12 @@ runners = Table(
 commands = Table(
     "commands",
     metadata,
-    Column("id", UUID(as_uuid=True), primary_key=True,
-           server_default=text("gen_random_uuid()")),
+    Column(
+        "id",
+        UUID(as_uuid=True),
+        primary_key=True,
+        server_default=text("gen_random_uuid()"),
+    ),
     Column("runner_id", UUID(as_uuid=True), ForeignKey("runners.id"), nullable=False),
     Column("argv", JSONB, nullable=False),
     Column("cwd", Text),
@@ -114,8 +122,12 @@ events = Table(
 command_delivery = Table(
     "command_delivery",
     metadata,
-    Column("command_id", UUID(as_uuid=True),
-           ForeignKey("commands.id", ondelete="CASCADE"), primary_key=True),
+    Column(
+        "command_id",
+        UUID(as_uuid=True),
+        ForeignKey("commands.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
     # Every event with sequence <= delivered_through has reached the sink
     # (or lies in a recorded gap).
     Column("delivered_through", BigInteger, nullable=False, server_default="0"),

@@ -6,8 +6,8 @@ import hashlib
 import hmac
 import secrets
 
-RUNNER_TOKEN_PREFIX = "rlr_"
-API_TOKEN_PREFIX = "rla_"
+RUNNER_TOKEN_PREFIX = "rlr_"  # noqa: S105 (a prefix, not a secret)
+API_TOKEN_PREFIX = "rla_"  # noqa: S105 (a prefix, not a secret)
 
 
 def new_token(prefix: str = RUNNER_TOKEN_PREFIX) -> str:

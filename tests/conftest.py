@@ -71,7 +71,9 @@ def _server_from_url(url: str) -> PostgresServer:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+def postgres_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[PostgresServer]:
     """The running server when configured, else an embedded one for the session."""
     configured = database_url_from_env()
     if configured:

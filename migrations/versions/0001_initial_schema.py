@@ -34,20 +34,21 @@ def upgrade() -> None:
         sa.Column("last_seen_at", TIMESTAMPTZ),
         sa.Column("connected_at", TIMESTAMPTZ),
         sa.Column("disconnected_at", TIMESTAMPTZ),
-        sa.Column("connection_epoch", sa.BigInteger, nullable=False,
-                  server_default="0"),
+        sa.Column(
+            "connection_epoch", sa.BigInteger, nullable=False, server_default="0"
+        ),
         sa.Column("broker_id", sa.Text),
     )
 
     op.create_table(
         "commands",
         sa.Column("id", UUID(as_uuid=True), primary_key=True, server_default=NEW_UUID),
-        sa.Column("runner_id", UUID(as_uuid=True), sa.ForeignKey("runners.id"),
-                  nullable=False),
+        sa.Column(
+            "runner_id", UUID(as_uuid=True), sa.ForeignKey("runners.id"), nullable=False
+        ),
         sa.Column("argv", JSONB, nullable=False),
         sa.Column("cwd", sa.Text),
-        sa.Column("env", JSONB, nullable=False,
-                  server_default=sa.text("'{}'::jsonb")),
+        sa.Column("env", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
         sa.Column("created_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
         sa.Column("dispatched_at", TIMESTAMPTZ),
         sa.Column("cancel_requested_at", TIMESTAMPTZ),
@@ -56,8 +57,7 @@ def upgrade() -> None:
         sa.Column("started_at", TIMESTAMPTZ),
         sa.Column("finished_at", TIMESTAMPTZ),
         sa.Column("last_activity_at", TIMESTAMPTZ),
-        sa.Column("applied_through", sa.BigInteger, nullable=False,
-                  server_default="0"),
+        sa.Column("applied_through", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("verification", JSONB),
         sa.Column("verification_matched", sa.Boolean),
         sa.CheckConstraint(
@@ -68,7 +68,9 @@ def upgrade() -> None:
     )
     op.create_index("commands_runner_created", "commands", ["runner_id", "created_at"])
     op.create_index(
-        "commands_undispatched", "commands", ["runner_id"],
+        "commands_undispatched",
+        "commands",
+        ["runner_id"],
         postgresql_where=sa.text("dispatched_at IS NULL"),
     )
 
@@ -79,8 +81,9 @@ def upgrade() -> None:
         sa.Column("id", UUID(as_uuid=True), nullable=False),
         sa.Column("kind", sa.Text, nullable=False),
         sa.Column("stream", sa.Text),
-        sa.Column("data", sa.LargeBinary, nullable=False,
-                  server_default=sa.text("''::bytea")),
+        sa.Column(
+            "data", sa.LargeBinary, nullable=False, server_default=sa.text("''::bytea")
+        ),
         sa.Column("payload", JSONB),
         sa.Column("emitted_at", TIMESTAMPTZ),
         sa.Column("stored_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
@@ -91,10 +94,15 @@ def upgrade() -> None:
 
     op.create_table(
         "command_delivery",
-        sa.Column("command_id", UUID(as_uuid=True),
-                  sa.ForeignKey("commands.id", ondelete="CASCADE"), primary_key=True),
-        sa.Column("delivered_through", sa.BigInteger, nullable=False,
-                  server_default="0"),
+        sa.Column(
+            "command_id",
+            UUID(as_uuid=True),
+            sa.ForeignKey("commands.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column(
+            "delivered_through", sa.BigInteger, nullable=False, server_default="0"
+        ),
         sa.Column("state", sa.Text, nullable=False, server_default="active"),
         sa.Column("lease_owner", sa.Text),
         sa.Column("lease_expires_at", TIMESTAMPTZ),
@@ -107,7 +115,9 @@ def upgrade() -> None:
         sa.Column("updated_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
     )
     op.create_index(
-        "command_delivery_due", "command_delivery", ["next_attempt_at"],
+        "command_delivery_due",
+        "command_delivery",
+        ["next_attempt_at"],
         postgresql_where=sa.text("state = 'active'"),
     )
 

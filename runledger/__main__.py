@@ -1,0 +1,5 @@
+"""``python -m runledger`` is the ``runledger`` command."""
+
+from runledger.cli import main
+
+main()

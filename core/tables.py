@@ -142,6 +142,9 @@ command_delivery = Table(
     Column("last_error", Text),
     Column("last_delivered_at", TIMESTAMPTZ),
     Column("updated_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    # The events of a failed delivery, resent unchanged so its id stays stable.
+    Column("pending_first_sequence", BigInteger),
+    Column("pending_last_sequence", BigInteger),
 )
 Index(
     "command_delivery_due",

@@ -113,6 +113,8 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text),
         sa.Column("last_delivered_at", TIMESTAMPTZ),
         sa.Column("updated_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+        sa.Column("pending_first_sequence", sa.BigInteger),
+        sa.Column("pending_last_sequence", sa.BigInteger),
     )
     op.create_index(
         "command_delivery_due",

@@ -1,0 +1,38 @@
+"""Broker fixtures: a running BrokerServer on port 0 over the test's database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from broker.server import BrokerServer
+from broker.settings import BrokerSettings
+
+StartBroker = Callable[..., Awaitable[BrokerServer]]
+
+
+@pytest.fixture
+async def start_broker(database_url: str) -> AsyncIterator[StartBroker]:
+    """Start brokers with setting overrides; all are stopped after the test."""
+    started: list[BrokerServer] = []
+
+    async def start(**overrides: Any) -> BrokerServer:
+        settings = BrokerSettings(**{"port": 0, **overrides})
+        broker = BrokerServer(settings, database_url)
+        await broker.start()
+        started.append(broker)
+        return broker
+
+    try:
+        yield start
+    finally:
+        for broker in reversed(started):
+            await broker.stop()
+
+
+@pytest.fixture
+async def broker(start_broker: StartBroker) -> BrokerServer:
+    """One broker with the default settings."""
+    return await start_broker()

@@ -1,0 +1,179 @@
+"""The broker's handshake, hello, HTTP endpoints, fencing and dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from broker.server import BrokerServer
+from core.commands import request_cancel
+from tests.broker.conftest import StartBroker
+from tests.broker.wire_client import WireRunner, output_event
+from tests.conftest import create_command, register_runner
+
+
+async def test_hello_names_the_runner_epoch_and_limits(
+    broker: BrokerServer, pool: asyncpg.Pool
+) -> None:
+    """After the upgrade the broker sends hello with the raised connection epoch."""
+    registered = await register_runner(pool, "alpha")
+
+    first = await WireRunner.connect(broker.url, registered.token)
+    await first.close()
+    second = await WireRunner.connect(broker.url, registered.token)
+
+    assert second.hello.runner_id == registered.id
+    assert second.hello.runner_name == "alpha"
+    assert second.hello.connection_epoch == first.hello.connection_epoch + 1
+    assert second.hello.limits.max_frame_bytes == 1024 * 1024
+    stored_epoch = await pool.fetchval(
+        "SELECT connection_epoch FROM runners WHERE id = $1", registered.id
+    )
+    assert stored_epoch == second.hello.connection_epoch
+    await second.close()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer rlr_not-a-real-token", "Basic dXNlcjpwYXNz"],
+)
+async def test_bad_token_is_refused_at_the_upgrade(
+    broker: BrokerServer, pool: asyncpg.Pool, header: str | None
+) -> None:
+    """A missing, unknown or non-bearer token gets 401 with a body saying why."""
+    await register_runner(pool, "alpha")
+    headers = {} if header is None else {"Authorization": header}
+
+    with pytest.raises(InvalidStatus) as refused:
+        async with asyncio.timeout(10):
+            await connect(broker.url, additional_headers=headers)
+
+    response = refused.value.response
+    assert response.status_code == 401
+    assert b"token" in response.body
+
+
+async def test_revoked_token_is_refused(
+    broker: BrokerServer, pool: asyncpg.Pool
+) -> None:
+    """A revoked runner cannot connect."""
+    registered = await register_runner(pool, "alpha")
+    await pool.execute(
+        "UPDATE runners SET revoked_at = now() WHERE id = $1", registered.id
+    )
+
+    with pytest.raises(InvalidStatus) as refused:
+        await WireRunner.connect(broker.url, registered.token)
+    assert refused.value.response.status_code == 401
+    assert b"revoked" in refused.value.response.body
+
+
+async def test_metrics_and_healthz_answer_plain_http(broker: BrokerServer) -> None:
+    """GET /metrics serves Prometheus text and /healthz says ok, on the same port."""
+    base = f"http://127.0.0.1:{broker.port}"
+    async with httpx.AsyncClient(timeout=10) as client:
+        metrics = await client.get(f"{base}/metrics")
+        health = await client.get(f"{base}/healthz")
+
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "runledger_broker_events_stored_total" in metrics.text
+    assert "runledger_broker_acknowledge_latency_seconds_bucket" in metrics.text
+    assert health.status_code == 200
+    assert health.text == "ok\n"
+
+
+async def test_queued_commands_are_dispatched_on_connect(
+    broker: BrokerServer, pool: asyncpg.Pool
+) -> None:
+    """The catch-up scan sends commands queued while the runner was away."""
+    registered = await register_runner(pool, "alpha")
+    first = await create_command(pool, registered.id, ["echo", "one"])
+    second = await create_command(pool, registered.id, ["echo", "two"])
+
+    runner = await WireRunner.connect(broker.url, registered.token)
+    await runner.receive_until(lambda r: len(r.commands) == 2)
+
+    assert [c.command_id for c in runner.commands] == [first, second]
+    assert runner.commands[0].argv == ["echo", "one"]
+    rows = await pool.fetch(
+        "SELECT status, dispatched_at FROM commands WHERE runner_id = $1", registered.id
+    )
+    assert all(r["status"] == "dispatched" and r["dispatched_at"] for r in rows)
+    await runner.close()
+
+
+async def test_new_commands_and_cancels_reach_a_connected_runner(
+    broker: BrokerServer, pool: asyncpg.Pool
+) -> None:
+    """NOTIFY on runledger_commands brings new commands and cancel requests at once."""
+    registered = await register_runner(pool, "alpha")
+    runner = await WireRunner.connect(broker.url, registered.token)
+
+    command_id = await create_command(pool, registered.id, ["sleep", "60"])
+    await runner.receive_until(lambda r: len(r.commands) == 1)
+    assert runner.commands[0].command_id == command_id
+
+    async with pool.acquire() as connection:
+        assert await request_cancel(connection, command_id)
+    await runner.receive_until(lambda r: len(r.cancels) == 1)
+    assert runner.cancels[0].command_id == command_id
+    await runner.close()
+
+
+async def test_second_connection_fences_the_first(
+    broker: BrokerServer, pool: asyncpg.Pool
+) -> None:
+    """A newer connection of the same runner closes the older one."""
+    registered = await register_runner(pool, "alpha")
+    command_id = await create_command(pool, registered.id, ["true"])
+    older = await WireRunner.connect(broker.url, registered.token)
+    newer = await WireRunner.connect(broker.url, registered.token)
+
+    with pytest.raises(ConnectionClosed):
+        async with asyncio.timeout(10):
+            while True:
+                await older.receive()
+    assert older.connection.close_code == 4001
+
+    events = [output_event(command_id, 1, b"from the newer connection")]
+    await newer.send_events(events)
+    await newer.wait_settled(events)
+    assert (command_id, 1) in newer.acknowledged
+    await newer.close()
+
+
+async def test_fenced_writes_are_refused_across_brokers(
+    start_broker: StartBroker, pool: asyncpg.Pool
+) -> None:
+    """A connection fenced by another broker gets its writes refused, not stored."""
+    first_broker = await start_broker()
+    second_broker = await start_broker()
+    registered = await register_runner(pool, "alpha")
+    command_id = await create_command(pool, registered.id, ["true"])
+
+    older = await WireRunner.connect(first_broker.url, registered.token)
+    newer = await WireRunner.connect(second_broker.url, registered.token)
+    assert newer.hello.connection_epoch > older.hello.connection_epoch
+
+    stale = output_event(command_id, 1, b"stale")
+    await older.send_events([stale])
+    with pytest.raises(ConnectionClosed):
+        async with asyncio.timeout(10):
+            while True:
+                await older.receive()
+    assert [e.code for e in older.errors] == ["fenced"]
+    assert not older.acknowledged
+    stored = await pool.fetchval("SELECT count(*) FROM events")
+    assert stored == 0
+    refused = await pool.fetchval(
+        "SELECT count(*) FROM refused_events WHERE code = 'fenced' AND event_id = $1",
+        str(stale.id),
+    )
+    assert refused == 1
+    await newer.close()

@@ -99,6 +99,12 @@ Index(
     commands.c.runner_id,
     postgresql_where=text("dispatched_at IS NULL"),
 )
+# Retention looks for commands finished before a cutoff (revision 0002).
+Index(
+    "commands_finished_at",
+    commands.c.finished_at,
+    postgresql_where=text("finished_at IS NOT NULL"),
+)
 
 events = Table(
     "events",
@@ -118,6 +124,8 @@ events = Table(
     UniqueConstraint("command_id", "id", name="events_command_id_id_key"),
     CheckConstraint("sequence > 0", name="events_sequence_positive"),
 )
+# Events per minute for the audit; BRIN keeps inserts cheap (revision 0002).
+Index("events_stored_at_brin", events.c.stored_at, postgresql_using="brin")
 
 command_delivery = Table(
     "command_delivery",
@@ -166,6 +174,13 @@ deliveries = Table(
     PrimaryKeyConstraint("command_id", "delivery_id", name="deliveries_pkey"),
 )
 Index("deliveries_delivered_at", deliveries.c.delivered_at)
+# Finds the delivery covering an event, for the audit views (revision 0002).
+Index(
+    "deliveries_command_last_sequence",
+    deliveries.c.command_id,
+    deliveries.c.last_sequence,
+    deliveries.c.first_sequence,
+)
 
 gaps = Table(
     "gaps",
@@ -192,6 +207,7 @@ refused_events = Table(
     Column("refused_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
 )
 Index("refused_events_command", refused_events.c.command_id)
+Index("refused_events_runner", refused_events.c.runner_id, refused_events.c.refused_at)
 
 applied_deliveries = Table(
     "applied_deliveries",
@@ -199,4 +215,17 @@ applied_deliveries = Table(
     Column("delivery_id", Text, primary_key=True),
     Column("command_id", UUID(as_uuid=True), nullable=False),
     Column("applied_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+)
+# Retention removes a command's applied deliveries by command (revision 0002).
+Index("applied_deliveries_command", applied_deliveries.c.command_id)
+
+# What retention removed, so the audit tells a pruned command from a lossy one.
+pruned_commands = Table(
+    "pruned_commands",
+    metadata,
+    Column("command_id", UUID(as_uuid=True), primary_key=True),
+    Column("highest_sequence", BigInteger, nullable=False),
+    Column("events_removed", BigInteger, nullable=False, server_default="0"),
+    Column("started_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    Column("completed_at", TIMESTAMPTZ),
 )

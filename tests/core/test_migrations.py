@@ -10,8 +10,10 @@ from core.tables import metadata
 async def test_migrated_tables_match_the_models(pool: asyncpg.Pool) -> None:
     """Every table and column in core.tables exists after upgrade head."""
     rows = await pool.fetch(
-        "SELECT table_name, column_name FROM information_schema.columns "
-        "WHERE table_schema = 'public' AND table_name <> 'alembic_version'"
+        "SELECT c.table_name, c.column_name FROM information_schema.columns c "
+        "JOIN information_schema.tables t USING (table_schema, table_name) "
+        "WHERE c.table_schema = 'public' AND c.table_name <> 'alembic_version' "
+        "AND t.table_type = 'BASE TABLE'"
     )
     migrated = {(r["table_name"], r["column_name"]) for r in rows}
     modelled = {

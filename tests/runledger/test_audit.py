@@ -1,0 +1,406 @@
+"""The audit views (revision 0002) and ``runledger audit`` built on them.
+
+Rows are inserted directly, as the broker, relay and web tier would write
+them, so each figure can be checked against a known history.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from tests.conftest import create_command, register_runner
+
+BASE_TIME = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+async def store_events(
+    pool: asyncpg.Pool,
+    command_id: uuid.UUID,
+    sequences: Iterable[int],
+    stored_at: datetime = BASE_TIME,
+) -> None:
+    """Insert events as the broker would, all stored at ``stored_at``."""
+    await pool.executemany(
+        "INSERT INTO events (command_id, sequence, id, kind, stored_at) "
+        "VALUES ($1, $2, $3, 'output', $4)",
+        [(command_id, s, uuid.uuid4(), stored_at) for s in sequences],
+    )
+
+
+async def record_delivery(
+    pool: asyncpg.Pool,
+    command_id: uuid.UUID,
+    first_sequence: int,
+    last_sequence: int,
+    delivered_at: datetime,
+    *,
+    late: bool = False,
+) -> None:
+    """Insert a deliveries row and advance the cursor, as the relay would."""
+    event_count = await pool.fetchval(
+        "SELECT count(*) FROM events WHERE command_id = $1 "
+        "AND sequence BETWEEN $2 AND $3",
+        command_id,
+        first_sequence,
+        last_sequence,
+    )
+    await pool.execute(
+        "INSERT INTO deliveries (command_id, delivery_id, first_sequence, "
+        "last_sequence, event_count, late, delivered_at) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        command_id,
+        f"{command_id}:{first_sequence}-{last_sequence}",
+        first_sequence,
+        last_sequence,
+        event_count,
+        late,
+        delivered_at,
+    )
+    await pool.execute(
+        "UPDATE command_delivery SET delivered_through = "
+        "greatest(delivered_through, $2), last_delivered_at = $3 "
+        "WHERE command_id = $1",
+        command_id,
+        last_sequence,
+        delivered_at,
+    )
+
+
+async def finish_command(
+    pool: asyncpg.Pool,
+    command_id: uuid.UUID,
+    finished_at: datetime = BASE_TIME,
+    *,
+    status: str = "succeeded",
+    verification_matched: bool | None = True,
+) -> None:
+    """Set the web tier's summary of a finished command."""
+    await pool.execute(
+        "UPDATE commands SET status = $2, exit_code = 0, finished_at = $3, "
+        "verification_matched = $4 WHERE id = $1",
+        command_id,
+        status,
+        finished_at,
+        verification_matched,
+    )
+
+
+async def new_command(pool: asyncpg.Pool, runner_name: str = "laptop") -> uuid.UUID:
+    """A command on the runner called ``runner_name``, registering it if new."""
+    runner_id = await pool.fetchval(
+        "SELECT id FROM runners WHERE name = $1", runner_name
+    )
+    if runner_id is None:
+        runner_id = (await register_runner(pool, runner_name)).id
+    return await create_command(pool, runner_id, ["make"])
+
+
+async def command_audit(pool: asyncpg.Pool, command_id: uuid.UUID) -> asyncpg.Record:
+    row = await pool.fetchrow(
+        "SELECT * FROM audit_commands WHERE command_id = $1", command_id
+    )
+    assert row is not None
+    return row
+
+
+# The views -------------------------------------------------------------------
+
+
+async def test_a_fully_delivered_command_is_healthy(pool: asyncpg.Pool) -> None:
+    """All events stored and delivered: no missing, pending or dead; lag measured."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, range(1, 6))
+    await record_delivery(pool, command_id, 1, 2, BASE_TIME + timedelta(seconds=1))
+    await record_delivery(pool, command_id, 3, 5, BASE_TIME + timedelta(seconds=3))
+    await finish_command(pool, command_id)
+
+    row = await command_audit(pool, command_id)
+
+    assert row["events_stored"] == 5
+    assert row["highest_sequence"] == 5
+    assert row["contiguous_through"] == 5
+    assert row["missing_events"] == 0
+    assert row["missing_ranges"] is None
+    assert row["delivered_events"] == 5
+    assert row["pending_events"] == 0
+    assert row["dead_events"] == 0
+    assert row["oldest_pending_at"] is None
+    assert row["lag_p50"] == timedelta(seconds=3)
+    assert row["lag_max"] == timedelta(seconds=3)
+    assert row["verification_matched"] is True
+    assert row["lost"] is False
+    assert row["dead"] is False
+
+
+async def test_missing_sequences_are_listed_as_ranges(pool: asyncpg.Pool) -> None:
+    """Holes show as the contiguous prefix, a count and readable ranges."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, [1, 2, 4, 8, 9])
+
+    row = await command_audit(pool, command_id)
+
+    assert row["contiguous_through"] == 2
+    assert row["highest_sequence"] == 9
+    assert row["missing_events"] == 4
+    assert row["missing_ranges"] == "3, 5-7"
+    # Still running and no gap skipped: the events may yet arrive.
+    assert row["lost"] is False
+
+
+async def test_a_missing_first_event_leaves_no_contiguous_prefix(
+    pool: asyncpg.Pool,
+) -> None:
+    """Sequences start at 1, so events 3 and 4 alone mean 1-2 are missing."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, [3, 4])
+
+    row = await command_audit(pool, command_id)
+
+    assert row["contiguous_through"] == 0
+    assert row["missing_ranges"] == "1-2"
+
+
+async def test_holes_in_a_finished_command_are_lost(pool: asyncpg.Pool) -> None:
+    """Once the command finished, missing sequences count as lost."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, [1, 3])
+    await finish_command(pool, command_id)
+
+    row = await command_audit(pool, command_id)
+
+    assert row["lost"] is True
+
+
+async def test_a_skipped_gap_is_lost_until_the_late_event_arrives(
+    pool: asyncpg.Pool,
+) -> None:
+    """A gap the relay skipped is loss; the late event, once stored and
+    delivered, clears it."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, [1, 2, 4])
+    await record_delivery(pool, command_id, 1, 4, BASE_TIME + timedelta(seconds=2))
+    await pool.execute(
+        "INSERT INTO gaps (command_id, first_missing, last_missing, skipped_at) "
+        "VALUES ($1, 3, 3, $2)",
+        command_id,
+        BASE_TIME,
+    )
+
+    skipped = await command_audit(pool, command_id)
+    assert skipped["gaps_recorded"] == 1
+    assert skipped["gaps_skipped"] == 1
+    assert skipped["lost"] is True
+    assert skipped["pending_events"] == 0
+
+    # The late event is stored inside a delivery's range but was not in it.
+    await store_events(pool, command_id, [3], BASE_TIME + timedelta(seconds=5))
+    arrived = await command_audit(pool, command_id)
+    assert arrived["lost"] is False
+    assert arrived["pending_events"] == 1
+    assert arrived["delivered_events"] == 3
+
+    await record_delivery(
+        pool, command_id, 3, 3, BASE_TIME + timedelta(seconds=6), late=True
+    )
+    delivered = await command_audit(pool, command_id)
+    assert delivered["pending_events"] == 0
+    assert delivered["delivered_events"] == 4
+
+
+async def test_undelivered_events_are_pending_with_their_age(
+    pool: asyncpg.Pool,
+) -> None:
+    """Events past the delivered ranges are pending, aged from the oldest."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, [1, 2])
+    await store_events(pool, command_id, [3, 4], BASE_TIME + timedelta(minutes=1))
+    await record_delivery(pool, command_id, 1, 2, BASE_TIME + timedelta(seconds=1))
+
+    row = await command_audit(pool, command_id)
+
+    assert row["delivered_events"] == 2
+    assert row["pending_events"] == 2
+    assert row["dead_events"] == 0
+    assert row["oldest_pending_at"] == BASE_TIME + timedelta(minutes=1)
+    assert row["oldest_pending_age"] > timedelta(days=1)
+
+
+async def test_undelivered_events_of_a_dead_command_are_dead(
+    pool: asyncpg.Pool,
+) -> None:
+    """A parked command's undelivered events count as dead, not pending."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, [1, 2, 3])
+    await record_delivery(pool, command_id, 1, 1, BASE_TIME)
+    await pool.execute(
+        "UPDATE command_delivery SET state = 'dead', last_status = 410, "
+        "last_error = 'sink said gone' WHERE command_id = $1",
+        command_id,
+    )
+
+    row = await command_audit(pool, command_id)
+
+    assert row["pending_events"] == 0
+    assert row["dead_events"] == 2
+    assert row["oldest_pending_at"] is None
+    assert row["dead"] is True
+    assert row["last_delivery_status"] == 410
+    assert row["last_delivery_error"] == "sink said gone"
+
+
+async def test_refusals_and_conflicts_are_counted(pool: asyncpg.Pool) -> None:
+    """Refused events count per command, conflicts separately."""
+    command_id = await new_command(pool)
+    runner_id = await pool.fetchval(
+        "SELECT runner_id FROM commands WHERE id = $1", command_id
+    )
+    await pool.executemany(
+        "INSERT INTO refused_events (runner_id, command_id, sequence, code, reason) "
+        "VALUES ($1, $2, $3, $4, $5)",
+        [
+            (
+                runner_id,
+                command_id,
+                1,
+                "conflict",
+                "sequence 1 is stored with another id",
+            ),
+            (runner_id, command_id, 2, "too_large", "event over 1 MiB"),
+        ],
+    )
+
+    row = await command_audit(pool, command_id)
+
+    assert row["conflicts_refused"] == 1
+    assert row["events_refused"] == 2
+
+
+async def test_a_failed_verification_is_lost(pool: asyncpg.Pool) -> None:
+    """The end-to-end hash not matching marks the command lost."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, [1, 2])
+    await record_delivery(pool, command_id, 1, 2, BASE_TIME)
+    await finish_command(pool, command_id, verification_matched=False)
+
+    row = await command_audit(pool, command_id)
+
+    assert row["verification_matched"] is False
+    assert row["lost"] is True
+
+
+async def test_a_pruned_command_is_not_lost(pool: asyncpg.Pool) -> None:
+    """A command whose events retention removed is marked pruned, never lost."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, [1, 2])
+    await finish_command(pool, command_id)
+    await pool.execute(
+        "INSERT INTO pruned_commands (command_id, highest_sequence, events_removed) "
+        "VALUES ($1, 3, 1)",
+        command_id,
+    )
+
+    row = await command_audit(pool, command_id)
+
+    assert row["pruned_at"] is not None
+    assert row["lost"] is False
+
+
+async def test_runner_view_rolls_up_its_commands(pool: asyncpg.Pool) -> None:
+    """Per runner: sums of its commands, lag over all its events, refusals."""
+    first = await new_command(pool, "laptop")
+    second = await new_command(pool, "laptop")
+    idle_runner = await register_runner(pool, "idle")
+    runner_id = await pool.fetchval(
+        "SELECT runner_id FROM commands WHERE id = $1", first
+    )
+    await pool.execute(
+        "UPDATE runners SET last_seen_at = $2, connected_at = $2 WHERE id = $1",
+        runner_id,
+        BASE_TIME,
+    )
+
+    await store_events(pool, first, [1, 2, 3])
+    await record_delivery(pool, first, 1, 3, BASE_TIME + timedelta(seconds=1))
+    await store_events(pool, second, [1, 3])
+    await record_delivery(pool, second, 1, 1, BASE_TIME + timedelta(seconds=5))
+    await finish_command(pool, second)
+    await pool.execute(
+        "INSERT INTO refused_events (runner_id, code, reason) "
+        "VALUES ($1, 'malformed', 'not JSON')",
+        runner_id,
+    )
+
+    row = await pool.fetchrow(
+        "SELECT * FROM audit_runners WHERE runner_id = $1", runner_id
+    )
+    assert row is not None
+    assert row["runner_name"] == "laptop"
+    assert row["last_seen_at"] == BASE_TIME
+    assert row["connected"] is True
+    assert row["commands"] == 2
+    assert row["events_stored"] == 5
+    assert row["delivered_events"] == 4
+    assert row["pending_events"] == 1
+    assert row["missing_events"] == 1
+    assert row["commands_with_missing"] == 1
+    assert row["lost_commands"] == 1
+    assert row["events_refused"] == 1
+    assert row["conflicts_refused"] == 0
+    # Lags are 1, 1, 1 and 5 seconds.
+    assert row["lag_p50"] == timedelta(seconds=1)
+    assert row["lag_max"] == timedelta(seconds=5)
+
+    idle = await pool.fetchrow(
+        "SELECT * FROM audit_runners WHERE runner_id = $1", idle_runner.id
+    )
+    assert idle is not None
+    assert idle["commands"] == 0
+    assert idle["events_stored"] == 0
+    assert idle["lag_p50"] is None
+
+
+async def test_system_view_totals_rate_and_queue_depth(pool: asyncpg.Pool) -> None:
+    """One row: totals, events stored in the last minute, queue depth."""
+    command_id = await new_command(pool)
+    now = await pool.fetchval("SELECT now()")
+    await store_events(pool, command_id, range(1, 31), now - timedelta(seconds=5))
+    await store_events(pool, command_id, range(31, 41), now - timedelta(minutes=5))
+    await record_delivery(pool, command_id, 1, 10, now)
+
+    row = await pool.fetchrow("SELECT * FROM audit_system")
+    assert row is not None
+    assert row["runners"] == 1
+    assert row["commands"] == 1
+    assert row["events_stored"] == 40
+    assert row["delivered_events"] == 10
+    assert row["queue_depth"] == 30
+    assert row["commands_waiting"] == 1
+    assert row["events_last_minute"] == 30
+    assert float(row["events_per_minute"]) == pytest.approx(40 / 15, abs=0.05)
+    assert row["lag_max_last_hour"] == timedelta(seconds=5)
+    assert row["lost_commands"] == 0
+
+
+async def test_delivery_lag_view_selects_by_delivery_time(pool: asyncpg.Pool) -> None:
+    """audit_delivery_lag has one row per delivered event, filterable by day."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, range(1, 5))
+    await record_delivery(pool, command_id, 1, 2, BASE_TIME + timedelta(seconds=2))
+    await record_delivery(pool, command_id, 3, 4, BASE_TIME + timedelta(days=1))
+
+    rows = await pool.fetch(
+        "SELECT sequence, delivery_lag FROM audit_delivery_lag "
+        "WHERE delivered_at >= $1 AND delivered_at < $2 ORDER BY sequence",
+        BASE_TIME,
+        BASE_TIME + timedelta(hours=1),
+    )
+
+    assert [(r["sequence"], r["delivery_lag"]) for r in rows] == [
+        (1, timedelta(seconds=2)),
+        (2, timedelta(seconds=2)),
+    ]

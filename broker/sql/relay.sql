@@ -1,0 +1,285 @@
+-- Queries of the outbox relay (broker/relay.py).
+--
+-- Every statement here runs on its own or in a short transaction that never
+-- spans an HTTP request: claim (commit), read, deliver, then record.
+
+-- name: claim_command
+-- Lease the least recently served command that has events to deliver and is due.
+WITH candidate AS (
+    SELECT
+        cd.command_id,
+        EXISTS (
+            SELECT 1
+            FROM gaps g
+            JOIN events e
+              ON e.command_id = g.command_id
+             AND e.sequence BETWEEN g.first_missing AND g.last_missing
+            WHERE g.command_id = cd.command_id
+              AND g.skipped_at IS NOT NULL
+              AND NOT EXISTS (
+                  SELECT 1 FROM deliveries d
+                  WHERE d.command_id = e.command_id
+                    AND d.late
+                    AND e.sequence BETWEEN d.first_sequence AND d.last_sequence
+              )
+        ) AS late_pending
+    FROM command_delivery cd
+    WHERE cd.state = 'active'
+      AND (cd.lease_expires_at IS NULL OR cd.lease_expires_at < now())
+      AND (
+          cd.next_attempt_at IS NULL
+          OR cd.next_attempt_at <= now()
+          -- A command held for a gap (no failed attempt) is due again as soon
+          -- as the missing sequence arrives.
+          OR (cd.attempts = 0 AND EXISTS (
+              SELECT 1 FROM events e
+              WHERE e.command_id = cd.command_id
+                AND e.sequence = cd.delivered_through + 1
+          ))
+      )
+      AND (
+          EXISTS (
+              SELECT 1 FROM events e
+              WHERE e.command_id = cd.command_id
+                AND e.sequence > cd.delivered_through
+          )
+          OR EXISTS (
+              SELECT 1
+              FROM gaps g
+              JOIN events e
+                ON e.command_id = g.command_id
+               AND e.sequence BETWEEN g.first_missing AND g.last_missing
+              WHERE g.command_id = cd.command_id
+                AND g.skipped_at IS NOT NULL
+                AND NOT EXISTS (
+                    SELECT 1 FROM deliveries d
+                    WHERE d.command_id = e.command_id
+                      AND d.late
+                      AND e.sequence BETWEEN d.first_sequence AND d.last_sequence
+                )
+          )
+      )
+    ORDER BY cd.updated_at
+    LIMIT 1
+    FOR UPDATE OF cd SKIP LOCKED
+)
+UPDATE command_delivery cd
+SET lease_owner = $1,
+    lease_expires_at = now() + make_interval(secs => $2),
+    updated_at = now()
+FROM candidate
+WHERE cd.command_id = candidate.command_id
+RETURNING
+    cd.command_id,
+    cd.delivered_through,
+    cd.attempts,
+    extract(epoch FROM now() - cd.first_failure_at)::float8 AS failing_seconds,
+    cd.pending_first_sequence,
+    cd.pending_last_sequence,
+    candidate.late_pending;
+
+-- name: read_next_events
+-- A command's next events after a sequence, in order, bounded by count and bytes.
+WITH candidates AS (
+    SELECT sequence, octet_length(data) AS size
+    FROM events
+    WHERE command_id = $1 AND sequence > $2
+    ORDER BY sequence
+    LIMIT $3
+), bounded AS (
+    SELECT sequence, sum(size) OVER (ORDER BY sequence) - size AS bytes_before
+    FROM candidates
+)
+SELECT e.sequence, e.id, e.kind, e.stream, e.data, e.payload::text AS payload,
+       e.emitted_at, e.stored_at
+FROM bounded b
+JOIN events e ON e.command_id = $1 AND e.sequence = b.sequence
+-- The first event always goes, however large; later ones only within budget.
+WHERE b.bytes_before = 0 OR b.bytes_before + octet_length(e.data) <= $4
+ORDER BY e.sequence;
+
+-- name: read_event_range
+-- The events of a command between two sequences, to resend a failed delivery.
+SELECT sequence, id, kind, stream, data, payload::text AS payload,
+       emitted_at, stored_at
+FROM events
+WHERE command_id = $1 AND sequence BETWEEN $2 AND $3
+ORDER BY sequence;
+
+-- name: read_late_events
+-- Events stored inside skipped gaps that were not yet delivered late, in order.
+WITH candidates AS (
+    SELECT e.sequence, octet_length(e.data) AS size
+    FROM gaps g
+    JOIN events e
+      ON e.command_id = g.command_id
+     AND e.sequence BETWEEN g.first_missing AND g.last_missing
+    WHERE g.command_id = $1
+      AND g.skipped_at IS NOT NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM deliveries d
+          WHERE d.command_id = e.command_id
+            AND d.late
+            AND e.sequence BETWEEN d.first_sequence AND d.last_sequence
+      )
+    ORDER BY e.sequence
+    LIMIT $2
+), bounded AS (
+    SELECT sequence, sum(size) OVER (ORDER BY sequence) - size AS bytes_before
+    FROM candidates
+)
+SELECT e.sequence, e.id, e.kind, e.stream, e.data, e.payload::text AS payload,
+       e.emitted_at, e.stored_at
+FROM bounded b
+JOIN events e ON e.command_id = $1 AND e.sequence = b.sequence
+WHERE b.bytes_before = 0 OR b.bytes_before + octet_length(e.data) <= $3
+ORDER BY e.sequence;
+
+-- name: open_gap
+-- Record (or widen) a gap being held; returns for how long it has been held.
+INSERT INTO gaps AS g (command_id, first_missing, last_missing)
+VALUES ($1, $2, $3)
+ON CONFLICT (command_id, first_missing)
+DO UPDATE SET last_missing = excluded.last_missing
+RETURNING extract(epoch FROM now() - g.detected_at)::float8 AS held_seconds;
+
+-- name: skip_gap
+-- Give up waiting for a gap: mark it skipped so delivery goes on past it.
+UPDATE gaps
+SET skipped_at = now(), last_missing = $3
+WHERE command_id = $1 AND first_missing = $2;
+
+-- name: forget_filled_gaps
+-- Drop held gaps whose missing events arrived before they were skipped.
+DELETE FROM gaps
+WHERE command_id = $1 AND skipped_at IS NULL AND first_missing <= $2;
+
+-- name: hold_command
+-- Release a claimed command without counting an attempt, due again after a delay.
+UPDATE command_delivery
+SET lease_owner = NULL,
+    lease_expires_at = NULL,
+    next_attempt_at = now() + make_interval(secs => $3),
+    updated_at = now()
+WHERE command_id = $1 AND lease_owner = $2;
+
+-- name: record_delivered
+-- After a successful delivery: advance the cursor, reset failures, release.
+UPDATE command_delivery
+SET delivered_through = greatest(delivered_through, $3),
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    attempts = 0,
+    next_attempt_at = NULL,
+    first_failure_at = NULL,
+    pending_first_sequence = NULL,
+    pending_last_sequence = NULL,
+    last_status = $4,
+    last_error = NULL,
+    last_delivered_at = now(),
+    updated_at = now()
+WHERE command_id = $1 AND lease_owner = $2
+RETURNING delivered_through;
+
+-- name: insert_deliveries
+-- Log successful deliveries (one row per request) for audits and lag figures.
+INSERT INTO deliveries (
+    command_id, delivery_id, first_sequence, last_sequence, event_count, late,
+    attempts
+)
+SELECT $1, delivery_id, first_sequence, last_sequence, event_count, $6, $7
+FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::int[])
+    AS d (delivery_id, first_sequence, last_sequence, event_count)
+ON CONFLICT (command_id, delivery_id) DO NOTHING;
+
+-- name: finish_if_complete
+-- Mark a command finished once its exit event is delivered and no gap is unfilled.
+UPDATE command_delivery cd
+SET state = 'finished', updated_at = now()
+WHERE cd.command_id = $1
+  AND cd.state = 'active'
+  AND (
+      SELECT e.kind FROM events e
+      WHERE e.command_id = cd.command_id AND e.sequence <= cd.delivered_through
+      ORDER BY e.sequence DESC
+      LIMIT 1
+  ) = 'exit'
+  AND (
+      SELECT coalesce(sum(g.last_missing - g.first_missing + 1), 0)
+      FROM gaps g
+      WHERE g.command_id = cd.command_id AND g.skipped_at IS NOT NULL
+  ) = (
+      SELECT coalesce(sum(d.event_count), 0)
+      FROM deliveries d
+      WHERE d.command_id = cd.command_id AND d.late
+  )
+RETURNING cd.command_id;
+
+-- name: schedule_retry
+-- After a failed delivery that may succeed later: remember it, wait, release.
+UPDATE command_delivery
+SET attempts = attempts + 1,
+    next_attempt_at = now() + make_interval(secs => $3),
+    first_failure_at = coalesce(first_failure_at, now()),
+    last_status = $4,
+    last_error = $5,
+    pending_first_sequence = $6,
+    pending_last_sequence = $7,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+WHERE command_id = $1 AND lease_owner = $2;
+
+-- name: park_dead
+-- After a permanent failure or exhausted retries: park until someone replays it.
+UPDATE command_delivery
+SET state = 'dead',
+    attempts = attempts + 1,
+    next_attempt_at = NULL,
+    first_failure_at = coalesce(first_failure_at, now()),
+    last_status = $3,
+    last_error = $4,
+    pending_first_sequence = $5,
+    pending_last_sequence = $6,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+WHERE command_id = $1 AND lease_owner = $2;
+
+-- name: release_leases
+-- On shutdown: give back every command this relay still holds.
+UPDATE command_delivery
+SET lease_owner = NULL, lease_expires_at = NULL
+WHERE starts_with(lease_owner, $1);
+
+-- name: count_queued_events
+-- Events stored but not yet delivered, over commands not finished.
+SELECT coalesce(sum(last.sequence - cd.delivered_through), 0)::bigint AS queued
+FROM command_delivery cd
+CROSS JOIN LATERAL (
+    SELECT max(e.sequence) AS sequence FROM events e
+    WHERE e.command_id = cd.command_id
+) AS last
+WHERE cd.state <> 'finished' AND last.sequence > cd.delivered_through;
+
+-- name: list_dead
+-- Commands parked dead, oldest first, with what went wrong.
+SELECT command_id, delivered_through, attempts, first_failure_at, last_status,
+       last_error, updated_at
+FROM command_delivery
+WHERE state = 'dead'
+ORDER BY updated_at, command_id;
+
+-- name: replay_dead
+-- Put one dead command ($1), or every one ($1 NULL), back in line; its failed
+-- delivery is resent as it was.
+UPDATE command_delivery
+SET state = 'active',
+    attempts = 0,
+    next_attempt_at = NULL,
+    first_failure_at = NULL,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+WHERE state = 'dead' AND ($1::uuid IS NULL OR command_id = $1)
+RETURNING command_id;

@@ -148,8 +148,13 @@ async def prune_once(
     pool: asyncpg.Pool,
     config: RetentionConfig,
     progress: ProgressCallback | None = None,
+    *,
+    dry_run: bool = False,
 ) -> RetentionReport:
     """Run one retention pass; return what it removed.
+
+    With ``dry_run`` nothing is removed or recorded; the report counts the
+    commands that would be pruned.
 
     Raises asyncpg errors other than a lock timeout (a command whose batch
     timed out waiting for a lock is left for the next pass).
@@ -163,7 +168,7 @@ async def prune_once(
         report.commands_examined += 1
         try:
             if not resuming:
-                reason = await _claim(pool, config, command_id)
+                reason = await _claim(pool, config, command_id, record=not dry_run)
                 if reason is not None:
                     report.commands_kept += 1
                     log.debug(
@@ -171,7 +176,8 @@ async def prune_once(
                     )
                     _tell(progress, PruneProgress(command_id, "kept", 0, reason))
                     continue
-            await _remove_rows(pool, config, command_id, report, progress)
+            if not dry_run:
+                await _remove_rows(pool, config, command_id, report, progress)
         except asyncpg.PostgresError as error:
             if getattr(error, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
                 raise
@@ -239,9 +245,16 @@ async def _candidates(
 
 
 async def _claim(
-    pool: asyncpg.Pool, config: RetentionConfig, command_id: uuid.UUID
+    pool: asyncpg.Pool,
+    config: RetentionConfig,
+    command_id: uuid.UUID,
+    *,
+    record: bool = True,
 ) -> str | None:
-    """Record the command as being pruned if it is safe to; else say why not."""
+    """Record the command as being pruned if it is safe to; else say why not.
+
+    Without ``record`` it only judges, for a dry run.
+    """
     async with pool.acquire() as connection, connection.transaction():
         await _bound_lock_waits(connection, config)
 
@@ -265,9 +278,10 @@ async def _claim(
         if figures["delivered_events"] != figures["events_stored"]:
             return "events are undelivered"
 
-        await connection.execute(
-            queries.start_pruning, command_id, figures["highest_sequence"]
-        )
+        if record:
+            await connection.execute(
+                queries.start_pruning, command_id, figures["highest_sequence"]
+            )
     return None
 
 

@@ -6,12 +6,16 @@ them, so each figure can be checked against a known history.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import uuid
 from datetime import timedelta
 
 import asyncpg
 import pytest
 
+from runledger import audit
 from tests.conftest import register_runner
 from tests.delivery_history import (
     BASE_TIME,
@@ -326,3 +330,160 @@ async def test_delivery_lag_view_selects_by_delivery_time(pool: asyncpg.Pool) ->
         (1, timedelta(seconds=2)),
         (2, timedelta(seconds=2)),
     ]
+
+
+# runledger audit and runledger prune -----------------------------------------
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse like the runledger command line, with only this module registered."""
+    parser = argparse.ArgumentParser(prog="runledger")
+    audit.register(parser.add_subparsers(required=True))
+    return parser.parse_args(argv)
+
+
+async def run_cli(argv: list[str]) -> int:
+    """Run a subcommand's handler as the command line would (its own loop)."""
+    args = parse(argv)
+    code: int = await asyncio.to_thread(args.handler, args)
+    return code
+
+
+async def healthy_history(pool: asyncpg.Pool) -> uuid.UUID:
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, range(1, 4))
+    await record_delivery(pool, command_id, 1, 3, BASE_TIME + timedelta(seconds=1))
+    await finish_command(pool, command_id)
+    return command_id
+
+
+async def test_audit_passes_when_everything_was_delivered(
+    pool: asyncpg.Pool, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 0 and an OK verdict when nothing is lost, dead or stuck."""
+    await healthy_history(pool)
+
+    code = await run_cli(["audit", "--database-url", database_url])
+
+    output = capsys.readouterr()
+    assert code == 0
+    assert "OK: nothing lost, dead or stuck" in output.out
+    assert "laptop" in output.out
+    assert "events stored 3, delivered 3" in output.out
+    # It says what it checked while it works.
+    assert "checking system totals" in output.err
+    assert "checking every command" in output.err
+
+
+async def test_audit_fails_and_names_lost_dead_and_stuck_commands(
+    pool: asyncpg.Pool, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 1, with each problem command and what is wrong with it."""
+    await healthy_history(pool)
+    lost = await new_command(pool, "ci")
+    await store_events(pool, lost, [1, 2, 5])
+    await record_delivery(pool, lost, 1, 5, BASE_TIME + timedelta(seconds=1))
+    await finish_command(pool, lost)
+
+    dead = await new_command(pool)
+    await store_events(pool, dead, [1])
+    await pool.execute(
+        "UPDATE command_delivery SET state = 'dead', last_error = 'HTTP 410' "
+        "WHERE command_id = $1",
+        dead,
+    )
+
+    stuck = await new_command(pool)
+    now = await pool.fetchval("SELECT now()")
+    await store_events(pool, stuck, [1, 2], now - timedelta(minutes=10))
+
+    code = await run_cli(["audit", "--quiet", "--database-url", database_url])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "lost" in lines[str(lost)] and "missing 3-4" in lines[str(lost)]
+    assert "dead" in lines[str(dead)] and "HTTP 410" in lines[str(dead)]
+    assert "stuck" in lines[str(stuck)] and "oldest pending 10 min" in lines[str(stuck)]
+    assert (
+        "FAILED: 1 command lost events; 1 command dead; 1 command with events "
+        "pending longer than 5 min"
+    ) in out
+
+
+async def test_audit_stuck_threshold_is_a_flag(
+    pool: asyncpg.Pool, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pending events younger than --stuck-after do not fail the audit."""
+    command_id = await new_command(pool)
+    now = await pool.fetchval("SELECT now()")
+    await store_events(pool, command_id, [1], now - timedelta(minutes=10))
+
+    assert await run_cli(["audit", "--quiet", "--database-url", database_url]) == 1
+    relaxed = ["audit", "--quiet", "--stuck-after", "3600", "--database-url"]
+    assert await run_cli([*relaxed, database_url]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+async def test_audit_json_is_for_scripts(
+    pool: asyncpg.Pool, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json prints one document: verdict, counts, figures, problem commands."""
+    await healthy_history(pool)
+    dead = await new_command(pool)
+    await pool.execute(
+        "UPDATE command_delivery SET state = 'dead' WHERE command_id = $1", dead
+    )
+
+    code = await run_cli(["audit", "--json", "--quiet", "--database-url", database_url])
+
+    document = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert document["healthy"] is False
+    assert document["dead_commands"] == 1
+    assert document["lost_commands"] == 0
+    assert document["stuck_after_seconds"] == 300.0
+    assert document["system"]["events_stored"] == 3
+    assert document["runners"][0]["runner_name"] == "laptop"
+    assert document["runners"][0]["lag_p50"] == 1.0
+    assert [c["command_id"] for c in document["problem_commands"]] == [str(dead)]
+
+
+async def test_prune_removes_old_delivered_commands_and_reports(
+    pool: asyncpg.Pool, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """prune --dry-run removes nothing; prune removes and says how much."""
+    command_id = await healthy_history(pool)
+    base = ["prune", "--retention-days", "1", "--database-url", database_url]
+
+    assert await run_cli([*base, "--dry-run"]) == 0
+    dry = capsys.readouterr()
+    assert "would prune 1 of 1 commands" in dry.out
+    assert f"would prune {command_id}" in dry.err
+    assert await pool.fetchval("SELECT count(*) FROM events") == 3
+
+    assert await run_cli([*base, "--batch-size", "2"]) == 0
+    real = capsys.readouterr()
+    assert "pruned 1 of 1 commands" in real.out
+    assert "removed 3 events, 1 deliveries" in real.out
+    assert "batches of at most 2 rows" in real.out
+    assert f"pruned {command_id}: 3 events, 1 deliveries" in real.err
+    assert await pool.fetchval("SELECT count(*) FROM events") == 0
+
+
+def test_durations_read_naturally() -> None:
+    """Durations print in the unit a person would use."""
+    assert audit.format_duration(None) == "-"
+    assert audit.format_duration(timedelta(milliseconds=350)) == "350 ms"
+    assert audit.format_duration(timedelta(seconds=4.25)) == "4.2 s"
+    assert audit.format_duration(timedelta(minutes=12, seconds=10)) == "12 min"
+    assert audit.format_duration(timedelta(hours=3, minutes=5)) == "3 h 5 min"
+    assert audit.format_duration(timedelta(days=2, hours=12)) == "2.5 d"
+
+
+def test_tables_align_text_left_and_figures_right() -> None:
+    """render_table pads each column to its widest cell."""
+    lines = audit.render_table(
+        ("NAME", "EVENTS"), [("a", "1"), ("long", "1,000")], "lr"
+    )
+    assert lines == ["  NAME  EVENTS", "  a          1", "  long   1,000"]

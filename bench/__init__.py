@@ -1,0 +1,1 @@
+"""Benchmarks of runledger and of the designs it is compared with."""

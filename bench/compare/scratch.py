@@ -1,0 +1,89 @@
+"""Scratch databases on the machine's Postgres, migrated, and always dropped.
+
+The server is the local one (``127.0.0.1:5432``, user ``postgres``) unless
+``BENCH_POSTGRES_URL`` names another; each scratch database is created from
+nothing, migrated with the project's alembic revisions, and dropped with
+``WITH (FORCE)`` when the scenario ends, even on error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlparse, urlunparse
+
+import asyncpg
+
+from core.migrate import upgrade
+
+SERVER_URL = os.environ.get(
+    "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+PREFIX = "runledger_bench_"
+_numbers = itertools.count(1)
+
+
+def database_url(name: str, server_url: str = SERVER_URL) -> str:
+    """The URL of database ``name`` on the same server."""
+    return urlunparse(urlparse(server_url)._replace(path="/" + name))
+
+
+async def _admin(server_url: str, statement: str) -> None:
+    connection = await asyncpg.connect(server_url)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@asynccontextmanager
+async def scratch_database(
+    label: str, server_url: str = SERVER_URL
+) -> AsyncIterator[tuple[str, str]]:
+    """Yield (name, url) of a fresh migrated database; drop it afterwards."""
+    name = f"{PREFIX}{os.getpid()}_{next(_numbers)}_{label}"
+    await _admin(server_url, f'CREATE DATABASE "{name}"')
+    try:
+        url = database_url(name, server_url)
+        # alembic runs its own event loop, so it gets a thread of its own.
+        await asyncio.to_thread(upgrade, url)
+        yield name, url
+    finally:
+        await _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def drop_leftovers(server_url: str = SERVER_URL) -> list[str]:
+    """Drop scratch databases of benchmark processes that no longer run."""
+    connection = await asyncpg.connect(server_url)
+    try:
+        names = [
+            record["datname"]
+            for record in await connection.fetch(
+                "SELECT datname FROM pg_database WHERE datname LIKE $1",
+                PREFIX + "%",
+            )
+        ]
+    finally:
+        await connection.close()
+
+    dropped = []
+    for name in names:
+        pid_text = name[len(PREFIX) :].split("_", 1)[0]
+        if pid_text.isdigit() and _alive(int(pid_text)):
+            continue
+        await _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        dropped.append(name)
+    return dropped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -50,7 +50,7 @@ def run_web(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: WebSettings, database_url: str) -> None:
-    from web.app import WebServer
+    from web.server import WebServer
 
     server = WebServer(settings, database_url)
     await server.start()

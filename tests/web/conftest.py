@@ -18,7 +18,7 @@ import pytest
 
 from core.commands import EVENTS_CHANNEL
 from tests.conftest import create_command, register_runner
-from web.app import WebServer
+from web.server import WebServer
 from web.settings import WebSettings
 
 SIGNING_SECRET = "test-signing-secret"

@@ -27,7 +27,7 @@ from tests.web.conftest import (
     exit_payload,
     insert_event,
 )
-from web.app import WebServer
+from web.server import WebServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
@@ -182,7 +182,7 @@ async def test_command_page_follows_a_live_log_safely(
     assert await page.evaluate("window.__pwned === undefined")
     assert await page.locator("#log script, #log img").count() == 0
     assert "progress 100%" in text and "progress  10%" not in text
-    assert "\u2400" in text and "\u2407" in text  # NUL and BEL shown as symbols
+    assert "nul:^@ bell:^G" in text  # control characters in caret notation
     assert await page.locator("#log .line.stderr").count() == 1
     assert await page.locator("#log .f2").count() >= 40  # green "PASSED"
     assert "Compiling" in await page.locator("#log .b").first.text_content()
@@ -204,6 +204,8 @@ async def test_command_page_follows_a_live_log_safely(
     )
     assert await page.locator("#status-badge .badge-succeeded").count() == 1
     await _shoot(page, "command-succeeded")
+    await log.evaluate("element => { element.scrollTop = 0; }")
+    await log.screenshot(path=str(SCREENSHOTS / "command-log-colours.png"))
 
 
 async def test_gap_is_shown_as_missing_range(

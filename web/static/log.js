@@ -3,8 +3,8 @@
 // Every piece of log output becomes a DOM text node (textContent); nothing
 // from a log is ever parsed as HTML. ANSI SGR sequences become classes (16
 // colours) or CSSOM colours computed here from integers (256 and RGB); other
-// escape sequences are dropped, other control characters are shown as their
-// Unicode control pictures.
+// escape sequences are dropped, other control characters are shown in caret
+// notation (^@ for NUL), dimmed.
 (function () {
   "use strict";
 
@@ -161,7 +161,7 @@
     if (!state.line) { state.line = newLine(name); }
     var span = document.createElement("span");
     span.className = "ctl";
-    span.textContent = String.fromCharCode(code === 127 ? 0x2421 : 0x2400 + code);
+    span.textContent = code === 127 ? "^?" : "^" + String.fromCharCode(64 + code);
     state.line.appendChild(span);
   }
 

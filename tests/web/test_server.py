@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.web.conftest import StoredCommand
-from web.app import WebServer, WebStartError
+from web.server import WebServer, WebStartError
 from web.settings import WebSettings
 
 

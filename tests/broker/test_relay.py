@@ -3,86 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import pytest
 
 from broker.relay import Relay, RelaySettings
 from core.errors import ConfigurationError
-from tests.broker.relay_test_sink import (
-    SECRET,
+from tests.broker.relay_harness import (
     Answer,
-    TestSink,
+    delivery_state,
+    new_command,
+    running_relay,
     running_sink,
     store_events,
+    wait_for_state,
     wait_until,
 )
-from tests.conftest import create_command, register_runner
-
-
-def relay_settings(sink: TestSink, **overrides: Any) -> RelaySettings:
-    """Settings for a relay bound to ``sink``, quick enough for tests."""
-    values: dict[str, Any] = {
-        "sink_url": sink.url,
-        "signing_secret": SECRET,
-        "relay_request_timeout": 5.0,
-        "relay_lease_duration": 30.0,
-        "relay_scan_interval": 0.5,
-        "relay_single_event_mode": sink.single_event,
-    }
-    values.update(overrides)
-    return RelaySettings(**values)
-
-
-@contextlib.asynccontextmanager
-async def running_relay(
-    database_url: str, sink: TestSink, **overrides: Any
-) -> AsyncIterator[Relay]:
-    """A started relay, stopped on exit."""
-    relay = Relay(relay_settings(sink, **overrides), database_url)
-    await relay.start()
-    try:
-        yield relay
-    finally:
-        await relay.stop()
-
-
-async def new_command(pool: asyncpg.Pool, runner_name: str = "laptop") -> uuid.UUID:
-    """A queued command, with its relay state row, on a fresh or known runner."""
-    runner_id = await pool.fetchval(
-        "SELECT id FROM runners WHERE name = $1", runner_name
-    )
-    if runner_id is None:
-        runner_id = (await register_runner(pool, runner_name)).id
-    return await create_command(pool, runner_id, ["make"])
-
-
-async def delivery_state(pool: asyncpg.Pool, command_id: uuid.UUID) -> asyncpg.Record:
-    row = await pool.fetchrow(
-        "SELECT * FROM command_delivery WHERE command_id = $1", command_id
-    )
-    assert row is not None
-    return row
-
-
-async def wait_for_state(
-    pool: asyncpg.Pool, command_id: uuid.UUID, state: str, within: float = 30
-) -> asyncpg.Record:
-    """Poll the command's relay state until it is ``state``; return the row."""
-    deadline = time.monotonic() + within
-    while True:
-        row = await delivery_state(pool, command_id)
-        if row["state"] == state:
-            return row
-        if time.monotonic() > deadline:
-            raise AssertionError(f"command stayed {row['state']}, not {state}")
-        await asyncio.sleep(0.05)
 
 
 def test_settings_without_a_secret_are_refused() -> None:
@@ -282,3 +220,110 @@ async def test_deliveries_are_signed_for_the_sink(
     state = await delivery_state(pool, command_id)
     assert state["last_status"] == 401
     assert "signature does not match" in state["last_error"]
+
+
+async def test_a_gap_is_held_then_skipped_and_late_events_follow(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """Missing 4-5 holds the command, then the gap is recorded and 6-8 go on;
+    4-5 stored later are delivered flagged late, and the command then finishes."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, [1, 2, 3, 6, 7, 8], exit_at=8)
+
+    async with (
+        running_sink() as sink,
+        running_relay(database_url, sink, relay_gap_hold=1.5),
+    ):
+        await wait_until(lambda: len(sink.applied) == 3, within=30)
+        held_at = time.monotonic()
+        await wait_until(lambda: len(sink.applied) == 6, within=30)
+        assert time.monotonic() - held_at >= 1.0
+
+        gap = await pool.fetchrow(
+            "SELECT * FROM gaps WHERE command_id = $1", command_id
+        )
+        assert (gap["first_missing"], gap["last_missing"]) == (4, 5)
+        assert gap["skipped_at"] is not None
+        state = await delivery_state(pool, command_id)
+        assert state["delivered_through"] == 8
+        assert state["state"] == "active", "an unfilled gap keeps the command open"
+
+        await store_events(pool, command_id, [4, 5])
+        await wait_until(lambda: len(sink.applied) == 8, within=30)
+        await wait_for_state(pool, command_id, "finished")
+
+    assert sink.applied_sequences(command_id) == [1, 2, 3, 6, 7, 8, 4, 5]
+    assert [e.late for e in sink.applied] == [False] * 6 + [True] * 2
+    assert sink.requests[-1].late
+    late_rows = await pool.fetch(
+        "SELECT first_sequence, last_sequence FROM deliveries "
+        "WHERE command_id = $1 AND late",
+        command_id,
+    )
+    assert [(r["first_sequence"], r["last_sequence"]) for r in late_rows] == [(4, 5)]
+
+
+async def test_a_gap_filled_in_time_leaves_no_trace(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """Events that arrive within the hold are delivered in order, and no gap stays."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, [1, 2, 5, 6])
+
+    async with (
+        running_sink() as sink,
+        running_relay(database_url, sink, relay_gap_hold=60.0),
+    ):
+        await wait_until(lambda: len(sink.applied) == 2, within=30)
+        await asyncio.sleep(0.3)
+        await store_events(pool, command_id, [3, 4])
+        await wait_until(lambda: len(sink.applied) == 6, within=30)
+
+    assert sink.applied_sequences(command_id) == [1, 2, 3, 4, 5, 6]
+    assert not any(e.late for e in sink.applied)
+    assert await pool.fetchval("SELECT count(*) FROM gaps") == 0
+
+
+async def test_single_event_mode_sends_one_event_per_request(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """For a predecessor's sink each request is one event with its own delivery id."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, range(1, 13), exit_at=12)
+
+    async with (
+        running_sink(single_event=True) as sink,
+        running_relay(database_url, sink),
+    ):
+        await wait_until(lambda: len(sink.applied) == 12, within=30)
+        await wait_for_state(pool, command_id, "finished")
+
+    assert [len(r.events) for r in sink.requests] == [1] * 12
+    assert [r.delivery_id for r in sink.requests] == [
+        f"{command_id}:{n}-{n}" for n in range(1, 13)
+    ]
+    assert sink.applied_sequences(command_id) == list(range(1, 13))
+    logged = await pool.fetchval(
+        "SELECT count(*) FROM deliveries WHERE command_id = $1", command_id
+    )
+    assert logged == 12
+
+
+async def test_single_event_mode_resumes_after_the_event_that_failed(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """A failure mid-batch keeps what got through and retries from the failed event."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, range(1, 9))
+
+    async with running_sink(single_event=True) as sink:
+
+        async def fail_fourth(number: int, _delivery_id: str) -> Answer:
+            return Answer(500) if number == 3 else Answer()
+
+        sink.behaviour = fail_fourth
+        async with running_relay(database_url, sink, relay_backoff_base=0.2):
+            await wait_until(lambda: len(sink.applied) == 8, within=30)
+
+    assert sink.applied_sequences(command_id) == list(range(1, 9))
+    assert [r.delivery_id for r in sink.requests[3:5]] == [f"{command_id}:4-4"] * 2

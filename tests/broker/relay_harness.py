@@ -1,4 +1,4 @@
-"""A real HTTP sink for the relay's tests and benchmark, on a port of its own.
+"""The relay's test harness: a real HTTP sink on a port of its own, and helpers.
 
 It verifies every delivery's signature with :func:`core.signing.verify`,
 applies a delivery id at most once (as the web tier's ingest does) and
@@ -16,13 +16,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 
+from broker.relay import Relay, RelaySettings
 from core.commands import EVENTS_CHANNEL
 from core.delivery import DeliveredEvent, batch_decoder, event_decoder
 from core.errors import AuthenticationError
 from core.signing import verify
+from tests.conftest import create_command, register_runner
 
 SECRET = "relay-test-secret"
 
@@ -222,3 +225,62 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(interval)
+
+
+def relay_settings(sink: TestSink, **overrides: Any) -> RelaySettings:
+    """Settings for a relay bound to ``sink``, quick enough for tests."""
+    values: dict[str, Any] = {
+        "sink_url": sink.url,
+        "signing_secret": SECRET,
+        "relay_request_timeout": 5.0,
+        "relay_lease_duration": 30.0,
+        "relay_scan_interval": 0.5,
+        "relay_single_event_mode": sink.single_event,
+    }
+    values.update(overrides)
+    return RelaySettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_relay(
+    database_url: str, sink: TestSink, **overrides: Any
+) -> AsyncIterator[Relay]:
+    """A started relay, stopped on exit."""
+    relay = Relay(relay_settings(sink, **overrides), database_url)
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+
+
+async def new_command(pool: asyncpg.Pool, runner_name: str = "laptop") -> uuid.UUID:
+    """A queued command, with its relay state row, on a fresh or known runner."""
+    runner_id = await pool.fetchval(
+        "SELECT id FROM runners WHERE name = $1", runner_name
+    )
+    if runner_id is None:
+        runner_id = (await register_runner(pool, runner_name)).id
+    return await create_command(pool, runner_id, ["make"])
+
+
+async def delivery_state(pool: asyncpg.Pool, command_id: uuid.UUID) -> asyncpg.Record:
+    row = await pool.fetchrow(
+        "SELECT * FROM command_delivery WHERE command_id = $1", command_id
+    )
+    assert row is not None
+    return row
+
+
+async def wait_for_state(
+    pool: asyncpg.Pool, command_id: uuid.UUID, state: str, within: float = 30
+) -> asyncpg.Record:
+    """Poll the command's relay state until it is ``state``; return the row."""
+    deadline = time.monotonic() + within
+    while True:
+        row = await delivery_state(pool, command_id)
+        if row["state"] == state:
+            return row
+        if time.monotonic() > deadline:
+            raise AssertionError(f"command stayed {row['state']}, not {state}")
+        await asyncio.sleep(0.05)

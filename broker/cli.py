@@ -62,6 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="wait for more events when a batch is small (0.001)",
     )
+    parser.add_argument(
+        "--with-relay",
+        dest="run_relay",
+        action="store_true",
+        default=None,
+        help="also run the outbox relay in this process (its settings come from "
+        "RUNLEDGER_* variables, RUNLEDGER_SIGNING_SECRET among them)",
+    )
     parser.set_defaults(handler=run_broker)
 
 
@@ -83,6 +91,10 @@ async def _serve(settings: BrokerSettings, database_url: str) -> None:
     broker = BrokerServer(settings, database_url)
     await broker.start()
     print(f"runledger broker: listening on {broker.url}", file=sys.stderr)
+    if settings.run_relay:
+        print(
+            "runledger broker: the outbox relay runs in this process", file=sys.stderr
+        )
     print(
         f"runledger broker: metrics on http{'s' if settings.tls else ''}://"
         f"{settings.host}:{broker.port}/metrics",

@@ -28,16 +28,17 @@ _json_encoder = msgspec.json.Encoder()
 
 @dataclass(slots=True)
 class PendingEvent:
-    """A checked event on its way to the writer; legacy ones lack id/sequence."""
+    """A checked event on its way to the writer; legacy ones lack a sequence."""
 
     command_id: uuid.UUID
     kind: str
-    id: uuid.UUID | None
+    id: uuid.UUID
     sequence: int | None
     stream: str | None
     data: bytes
     payload_json: str | None
     emitted_at: datetime | None
+    numbered_by_broker: bool = False
 
     def same_content(self, other: PendingEvent) -> bool:
         """Whether two events carry the same id, kind, stream, data and payload."""
@@ -213,12 +214,14 @@ def check_event(event: wire.WireEvent, limits: wire.Limits) -> PendingEvent:
     return PendingEvent(
         command_id=event.command_id,
         kind=event.kind,
-        id=event.id,
+        # Numbered once, here, so a resend after a failed commit matches.
+        id=event.id if event.id is not None else uuid.uuid4(),
         sequence=event.sequence,
         stream=event.stream,
         data=event.data,
         payload_json=payload_json.decode() if payload_json is not None else None,
         emitted_at=emitted_at,
+        numbered_by_broker=event.sequence is None,
     )
 
 

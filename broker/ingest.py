@@ -2,19 +2,22 @@
 
 Sessions put checked frames on a bounded queue (a full queue stops them
 reading their sockets, which is the backpressure). The writer takes as many
-frames as are waiting, up to ``commit_max_events``, and stores them in one
-transaction:
+frames as are waiting, up to ``commit_max_events``, and stores them with one
+statement, which is its own transaction (one round trip to Postgres):
 
-1. lock the runners' rows ``FOR SHARE`` and compare their connection epochs,
-   so a write from a fenced connection can never commit after the fence;
-2. check that every command exists and belongs to the sending runner;
-3. insert with one set-based statement (``unnest`` arrays, ``ON CONFLICT DO
-   NOTHING``), then compare the events that were not inserted with what is
-   stored: the same event is acknowledged again, anything else is a conflict;
-4. record refusals and ``pg_notify`` each command that grew.
+- the runners' rows are locked ``FOR SHARE`` and their connection epochs
+  compared, so a write from a fenced connection never commits after the
+  fence, whichever broker raised it;
+- only events of commands assigned to the sending runner are inserted, with
+  ``unnest`` arrays and ``ON CONFLICT DO NOTHING``;
+- each command that grew gets a ``pg_notify`` on ``runledger_events``, sent
+  at commit.
 
-Only after ``COMMIT`` does a frame's outcome resolve, and only then does its
-session send the ``event-ack``.
+The events that were not inserted are then compared with what is stored
+(stored events never change): the same event is acknowledged again; a
+different one at its key or id is a conflict; the rest were not the
+runner's to write. Only after the commit does a frame's outcome resolve, and
+only then does its session send the ``event-ack``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -117,14 +121,16 @@ class _Placed:
 
     submission: Submission
     event: PendingEvent
-    assigned_sequence: bool
+    numbered_by_broker: bool
     result: wire.Acknowledged | wire.Refused | None = None
 
 
-@dataclass(frozen=True)
-class _CommandState:
-    runner_id: uuid.UUID
-    highest_sequence: int
+@dataclass
+class _Stored:
+    """What the storing statement reports back."""
+
+    keys: set[tuple[uuid.UUID, int]] = field(default_factory=set)
+    highest_before: dict[uuid.UUID, int] = field(default_factory=dict)
 
 
 class IngestWriter:
@@ -210,7 +216,12 @@ class IngestWriter:
         return batch
 
     async def _commit_with_retries(self, batch: list[Submission]) -> None:
-        """Commit ``batch``; retry transient failures, isolate the others."""
+        """Commit ``batch``; retry transient failures, isolate the others.
+
+        A retry after a failure whose commit is unknown is safe: events that
+        did get stored come back as "the same event stored" and are
+        acknowledged.
+        """
         attempt = 0
         while True:
             try:
@@ -244,256 +255,52 @@ class IngestWriter:
     async def _commit(self, batch: list[Submission]) -> None:
         started = time.perf_counter()
         placed = [
-            # A copy, so a retried transaction numbers legacy events afresh.
-            _Placed(submission, replace(event), event.sequence is None)
+            _Placed(submission, event, event.numbered_by_broker)
             for submission in batch
             for event in submission.events
         ]
 
-        async with self._pool.acquire() as connection, connection.transaction():
-            fenced_runners = await self._fenced_runners(connection, batch)
-            commands = await self._command_states(connection, placed)
-            candidates = _authorise_and_choose(placed, fenced_runners, commands)
-            inserted = await self._insert(connection, candidates)
-            await self._compare_leftovers(connection, placed, inserted)
-            await self._record_refusals(connection, batch, placed)
-            grown = sorted({key[0] for key in inserted})
-            if grown:
-                await connection.execute(queries.notify_events, EVENTS_CHANNEL, grown)
+        async with self._pool.acquire() as connection:
+            if any(item.numbered_by_broker for item in placed):
+                await _number_legacy_events(connection, placed)
+            candidates = _choose_candidates(placed)
+            stored = await _store(connection, candidates)
 
-        # Committed: from here on the outcomes may be told to the runners.
-        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+            # Committed: the outcomes below may be told to the runners.
+            committed = time.perf_counter()
+            for item in candidates:
+                if (item.event.command_id, item.event.sequence) in stored.keys:
+                    item.result = _acknowledged(item.event)
+            await _classify_unstored(connection, placed)
+            await _record_refusals(connection, batch, placed)
+
+        metrics.COMMIT_SECONDS.observe(committed - started)
         metrics.COMMIT_BATCH_EVENTS.observe(len(placed))
-        metrics.EVENTS_STORED.inc(len(inserted))
-        self._report_sequences(placed, inserted, commands)
-        _resolve(batch, placed, fenced_runners)
+        metrics.EVENTS_STORED.inc(len(stored.keys))
+        _report_sequences(placed, stored)
+        _resolve(batch, placed)
         log.debug(
             "broker.batch_committed",
             frames=len(batch),
             events=len(placed),
-            stored=len(inserted),
-            seconds=round(time.perf_counter() - started, 6),
+            stored=len(stored.keys),
+            seconds=round(committed - started, 6),
         )
 
-    async def _fenced_runners(
-        self, connection: asyncpg.Connection, batch: list[Submission]
-    ) -> set[tuple[uuid.UUID, int]]:
-        """(runner, epoch) pairs of this batch that a newer connection fenced."""
-        runner_ids = sorted({submission.runner_id for submission in batch})
-        rows = await connection.fetch(queries.lock_runner_epochs, runner_ids)
-        current = {row["id"]: row["connection_epoch"] for row in rows}
-        return {
-            (submission.runner_id, submission.connection_epoch)
-            for submission in batch
-            if current.get(submission.runner_id) != submission.connection_epoch
-        }
 
-    async def _command_states(
-        self, connection: asyncpg.Connection, placed: list[_Placed]
-    ) -> dict[uuid.UUID, _CommandState]:
-        command_ids = list({item.event.command_id for item in placed})
-        if not command_ids:
-            return {}
-        rows = await connection.fetch(queries.command_owners, command_ids)
-        return {
-            row["id"]: _CommandState(row["runner_id"], row["highest_sequence"] or 0)
-            for row in rows
-        }
+def _choose_candidates(placed: list[_Placed]) -> list[_Placed]:
+    """The first event of the batch with each key and each id.
 
-    async def _insert(
-        self, connection: asyncpg.Connection, candidates: list[_Placed]
-    ) -> set[tuple[uuid.UUID, int]]:
-        if not candidates:
-            return set()
-        events = [item.event for item in candidates]
-        rows = await connection.fetch(
-            queries.insert_events,
-            [event.command_id for event in events],
-            [event.sequence for event in events],
-            [event.id for event in events],
-            [event.kind for event in events],
-            [event.stream for event in events],
-            [event.data for event in events],
-            [event.payload_json for event in events],
-            [event.emitted_at for event in events],
-        )
-        inserted = {(row["command_id"], row["sequence"]) for row in rows}
-        for item in candidates:
-            key = (item.event.command_id, item.event.sequence)
-            if key in inserted:
-                item.result = _acknowledged(item.event)
-        return inserted
-
-    async def _compare_leftovers(
-        self,
-        connection: asyncpg.Connection,
-        placed: list[_Placed],
-        inserted: set[tuple[uuid.UUID, int]],
-    ) -> None:
-        """Acknowledge resent events again; refuse the ones that conflict."""
-        leftovers = [
-            (position, item)
-            for position, item in enumerate(placed)
-            if item.result is None
-        ]
-        if not leftovers:
-            return
-        events = [item.event for _, item in leftovers]
-        rows = await connection.fetch(
-            queries.compare_with_stored,
-            [position for position, _ in leftovers],
-            [event.command_id for event in events],
-            [event.sequence for event in events],
-            [event.id for event in events],
-            [event.kind for event in events],
-            [event.stream for event in events],
-            [event.data for event in events],
-            [event.payload_json for event in events],
-        )
-
-        for row in rows:
-            item = placed[row["position"]]
-            event = item.event
-            if row["same_at_key"]:
-                item.result = _acknowledged(event)
-                metrics.EVENTS_DUPLICATE.inc()
-            elif item.assigned_sequence and row["same_by_id"]:
-                # A legacy resend: the broker numbered it the first time.
-                event.sequence = row["sequence_of_id"]
-                item.result = _acknowledged(event)
-                metrics.EVENTS_DUPLICATE.inc()
-            else:
-                item.result = _conflict(event, row["id_at_key"], row["sequence_of_id"])
-                metrics.EVENTS_CONFLICT.inc()
-                log.warning(
-                    "broker.event_conflict",
-                    runner_id=str(item.submission.runner_id),
-                    command_id=str(event.command_id),
-                    sequence=event.sequence,
-                    event_id=str(event.id),
-                    reason=item.result.reason,
-                )
-
-    async def _record_refusals(
-        self,
-        connection: asyncpg.Connection,
-        batch: list[Submission],
-        placed: list[_Placed],
-    ) -> None:
-        refusals: list[tuple[uuid.UUID, wire.Refused]] = [
-            (submission.runner_id, refused)
-            for submission in batch
-            for refused in submission.refused
-        ]
-        refusals += [
-            (item.submission.runner_id, item.result)
-            for item in placed
-            if isinstance(item.result, wire.Refused)
-        ]
-        if not refusals:
-            return
-        await connection.execute(
-            queries.insert_refused_events,
-            [runner_id for runner_id, _ in refusals],
-            [refused.command_id for _, refused in refusals],
-            [refused.sequence for _, refused in refusals],
-            [str(refused.id) if refused.id else None for _, refused in refusals],
-            [refused.code for _, refused in refusals],
-            [refused.reason for _, refused in refusals],
-        )
-
-    def _report_sequences(
-        self,
-        placed: list[_Placed],
-        inserted: set[tuple[uuid.UUID, int]],
-        commands: dict[uuid.UUID, _CommandState],
-    ) -> None:
-        arrivals: dict[uuid.UUID, list[int]] = defaultdict(list)
-        for item in placed:
-            key = (item.event.command_id, item.event.sequence)
-            if item.event.sequence is not None and key in inserted:
-                arrivals[item.event.command_id].append(item.event.sequence)
-
-        for command_id, sequences in arrivals.items():
-            anomalies = sequence_anomalies(
-                commands[command_id].highest_sequence, sequences
-            )
-            for first_missing, last_missing in anomalies.gaps:
-                metrics.SEQUENCE_GAPS.inc()
-                log.warning(
-                    "broker.sequence_gap",
-                    command_id=str(command_id),
-                    first_missing=first_missing,
-                    last_missing=last_missing,
-                )
-            if anomalies.out_of_order:
-                metrics.OUT_OF_ORDER.inc(len(anomalies.out_of_order))
-                log.warning(
-                    "broker.out_of_order",
-                    command_id=str(command_id),
-                    first_sequence=min(anomalies.out_of_order),
-                    last_sequence=max(anomalies.out_of_order),
-                    count=len(anomalies.out_of_order),
-                )
-
-
-def _authorise_and_choose(
-    placed: list[_Placed],
-    fenced_runners: set[tuple[uuid.UUID, int]],
-    commands: dict[uuid.UUID, _CommandState],
-) -> list[_Placed]:
-    """Refuse what may not be written; number legacy events; pick one per key.
-
-    The first event of a batch with a given key (or id) is the one inserted;
-    later ones with the same key are compared with it after the insert.
+    Later events with a key or id already chosen are compared with the
+    stored event after the insert: the same one is acknowledged, another
+    one is a conflict.
     """
-    next_sequence = {
-        command_id: state.highest_sequence for command_id, state in commands.items()
-    }
-    for item in placed:
-        if item.event.sequence is not None and item.event.command_id in next_sequence:
-            command_id = item.event.command_id
-            next_sequence[command_id] = max(
-                next_sequence[command_id], item.event.sequence
-            )
-
     candidates: list[_Placed] = []
-    seen_keys: set[tuple[uuid.UUID, int]] = set()
+    seen_keys: set[tuple[uuid.UUID, int | None]] = set()
     seen_ids: set[tuple[uuid.UUID, uuid.UUID]] = set()
     for item in placed:
-        event = item.event
-        submission = item.submission
-        state = commands.get(event.command_id)
-        if (submission.runner_id, submission.connection_epoch) in fenced_runners:
-            item.result = _refused(
-                event,
-                "fenced",
-                "a newer connection of this runner took over; "
-                "the events go through that connection",
-            )
-            continue
-        if state is None:
-            item.result = _refused(
-                event, "unknown_command", f"command {event.command_id} does not exist"
-            )
-            continue
-        if state.runner_id != submission.runner_id:
-            item.result = _refused(
-                event,
-                "not_assigned",
-                f"command {event.command_id} is not assigned to this runner",
-            )
-            continue
-
-        # Older runners leave numbering to the broker.
-        if event.id is None:
-            event.id = uuid.uuid4()
-        if event.sequence is None:
-            next_sequence[event.command_id] += 1
-            event.sequence = next_sequence[event.command_id]
-
-        key = (event.command_id, event.sequence)
-        identity = (event.command_id, event.id)
+        key = (item.event.command_id, item.event.sequence)
+        identity = (item.event.command_id, item.event.id)
         if key in seen_keys or identity in seen_ids:
             continue
         seen_keys.add(key)
@@ -502,26 +309,200 @@ def _authorise_and_choose(
     return candidates
 
 
-def _resolve(
-    batch: Sequence[Submission],
-    placed: list[_Placed],
-    fenced_runners: set[tuple[uuid.UUID, int]],
+async def _number_legacy_events(
+    connection: asyncpg.Connection, placed: list[_Placed]
 ) -> None:
-    outcomes = {
-        id(submission): Outcome(
-            refused=list(submission.refused),
-            fenced=(submission.runner_id, submission.connection_epoch)
-            in fenced_runners,
+    """Give events sent without a sequence the next ones of their command.
+
+    Only the runner's current connection can store them (the fence), so the
+    highest stored sequence cannot move under us.
+    """
+    command_ids = list({item.event.command_id for item in placed})
+    rows = await connection.fetch(queries.highest_sequences, command_ids)
+    highest = {row["command_id"]: row["highest"] for row in rows}
+    for item in placed:
+        sequence = item.event.sequence
+        if not item.numbered_by_broker and sequence is not None:
+            command_id = item.event.command_id
+            highest[command_id] = max(highest.get(command_id, 0), sequence)
+    for item in placed:
+        # Numbered afresh on every attempt: an earlier one may have failed.
+        if item.numbered_by_broker:
+            command_id = item.event.command_id
+            highest[command_id] = highest.get(command_id, 0) + 1
+            item.event.sequence = highest[command_id]
+
+
+async def _store(connection: asyncpg.Connection, candidates: list[_Placed]) -> _Stored:
+    """Insert, fence and notify in one statement, its own transaction."""
+    stored = _Stored()
+    if not candidates:
+        return stored
+    events = [item.event for item in candidates]
+    rows = await connection.fetch(
+        queries.store_events,
+        *_event_columns(events),
+        [event.emitted_at for event in events],
+        [item.submission.runner_id for item in candidates],
+        [item.submission.connection_epoch for item in candidates],
+        EVENTS_CHANNEL,
+    )
+    for row in rows:
+        if row["row_kind"] == "stored":
+            stored.keys.add((row["command_id"], row["sequence"]))
+        elif row["row_kind"] == "highest_before":
+            stored.highest_before[row["command_id"]] = row["sequence"] or 0
+    return stored
+
+
+def _event_columns(events: list[PendingEvent]) -> list[list[Any]]:
+    """The arrays both the insert and the comparison take, in their order."""
+    return [
+        [event.command_id for event in events],
+        [event.sequence for event in events],
+        [event.id for event in events],
+        [event.kind for event in events],
+        [event.stream for event in events],
+        [event.data for event in events],
+        [event.payload_json for event in events],
+    ]
+
+
+async def _classify_unstored(
+    connection: asyncpg.Connection, placed: list[_Placed]
+) -> None:
+    """Say why each event that was not inserted was not, from what is stored.
+
+    Stored events never change, so reading after the commit is as good as
+    reading inside it. In order: the same event is stored (acknowledged
+    again); the command is unknown or another runner's; a different event
+    holds the key or id (a conflict); else the connection was fenced.
+    """
+    unstored = [
+        (position, item) for position, item in enumerate(placed) if item.result is None
+    ]
+    if not unstored:
+        return
+    columns = _event_columns([item.event for _, item in unstored])
+    rows = await connection.fetch(
+        queries.classify_unstored, [position for position, _ in unstored], *columns
+    )
+
+    for row in rows:
+        item = placed[row["position"]]
+        event = item.event
+        runner_id = item.submission.runner_id
+        if row["same_at_key"]:
+            item.result = _acknowledged(event)
+            metrics.EVENTS_DUPLICATE.inc()
+        elif item.numbered_by_broker and row["same_by_id"]:
+            # A legacy resend: the broker numbered it the first time.
+            event.sequence = row["sequence_of_id"]
+            item.result = _acknowledged(event)
+            metrics.EVENTS_DUPLICATE.inc()
+        elif row["command_runner_id"] is None:
+            item.result = _refused(
+                event, "unknown_command", f"command {event.command_id} does not exist"
+            )
+        elif row["command_runner_id"] != runner_id:
+            item.result = _refused(
+                event,
+                "not_assigned",
+                f"command {event.command_id} is not assigned to this runner",
+            )
+        elif row["id_at_key"] is not None or row["sequence_of_id"] is not None:
+            item.result = _conflict(event, row["id_at_key"], row["sequence_of_id"])
+            metrics.EVENTS_CONFLICT.inc()
+            log.warning(
+                "broker.event_conflict",
+                runner_id=str(runner_id),
+                command_id=str(event.command_id),
+                sequence=event.sequence,
+                event_id=str(event.id),
+                reason=item.result.reason,
+            )
+        else:
+            item.result = _refused(
+                event,
+                "fenced",
+                "a newer connection of this runner took over; "
+                "the events go through that connection",
+            )
+
+
+async def _record_refusals(
+    connection: asyncpg.Connection, batch: list[Submission], placed: list[_Placed]
+) -> None:
+    refusals: list[tuple[uuid.UUID, wire.Refused]] = [
+        (submission.runner_id, refused)
+        for submission in batch
+        for refused in submission.refused
+    ]
+    refusals += [
+        (item.submission.runner_id, item.result)
+        for item in placed
+        if isinstance(item.result, wire.Refused)
+    ]
+    if not refusals:
+        return
+    await connection.execute(
+        queries.insert_refused_events,
+        [runner_id for runner_id, _ in refusals],
+        [refused.command_id for _, refused in refusals],
+        [refused.sequence for _, refused in refusals],
+        [str(refused.id) if refused.id else None for _, refused in refusals],
+        [refused.code for _, refused in refusals],
+        [refused.reason for _, refused in refusals],
+    )
+
+
+def _report_sequences(placed: list[_Placed], stored: _Stored) -> None:
+    """Count and log gaps and late arrivals among the newly stored events."""
+    arrivals: dict[uuid.UUID, list[int]] = defaultdict(list)
+    counted: set[tuple[uuid.UUID, int]] = set()
+    for item in placed:
+        key = (item.event.command_id, item.event.sequence or 0)
+        if key in stored.keys and key not in counted:
+            counted.add(key)
+            arrivals[key[0]].append(key[1])
+
+    for command_id, sequences in arrivals.items():
+        anomalies = sequence_anomalies(
+            stored.highest_before.get(command_id, 0), sequences
         )
+        for first_missing, last_missing in anomalies.gaps:
+            metrics.SEQUENCE_GAPS.inc()
+            log.warning(
+                "broker.sequence_gap",
+                command_id=str(command_id),
+                first_missing=first_missing,
+                last_missing=last_missing,
+            )
+        if anomalies.out_of_order:
+            metrics.OUT_OF_ORDER.inc(len(anomalies.out_of_order))
+            log.warning(
+                "broker.out_of_order",
+                command_id=str(command_id),
+                first_sequence=min(anomalies.out_of_order),
+                last_sequence=max(anomalies.out_of_order),
+                count=len(anomalies.out_of_order),
+            )
+
+
+def _resolve(batch: Sequence[Submission], placed: list[_Placed]) -> None:
+    outcomes = {
+        id(submission): Outcome(refused=list(submission.refused))
         for submission in batch
     }
     for item in placed:
         outcome = outcomes[id(item.submission)]
         if isinstance(item.result, wire.Acknowledged):
             outcome.acknowledged.append(item.result)
-        elif isinstance(item.result, wire.Refused) and item.result.code != "fenced":
-            # Fenced events are not refused for good: the newer connection
-            # delivers them, so the session closes instead of refusing.
+        elif isinstance(item.result, wire.Refused) and item.result.code == "fenced":
+            # Not refused for good: the newer connection delivers these, so
+            # the session closes instead of refusing them.
+            outcome.fenced = True
+        elif isinstance(item.result, wire.Refused):
             outcome.refused.append(item.result)
 
     for submission in batch:
@@ -533,7 +514,7 @@ def _resolve(
 
 
 def _acknowledged(event: PendingEvent) -> wire.Acknowledged:
-    assert event.id is not None and event.sequence is not None
+    assert event.sequence is not None
     return wire.Acknowledged(event.id, event.command_id, event.sequence)
 
 
@@ -560,11 +541,9 @@ def _conflict(
             f"sequence {event.sequence} of command {event.command_id} is already "
             "stored with this id and different content"
         )
-    elif sequence_of_id is not None:
+    else:
         reason = (
             f"event id {event.id} is already stored as sequence {sequence_of_id} "
             f"of command {event.command_id}"
         )
-    else:
-        reason = "another event with this key or id came earlier in the same batch"
     return _refused(event, "conflict", reason)

@@ -16,6 +16,7 @@ import ssl
 import uuid
 import weakref
 from collections import defaultdict
+from typing import Any
 
 import asyncpg
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -30,6 +31,7 @@ from broker.settings import BrokerSettings
 from core import wire
 from core.database import create_pool, redact_url
 from core.logging import get_logger
+from core.service import Service
 from core.tokens import hash_token, token_matches
 
 log = get_logger("broker")
@@ -40,7 +42,15 @@ BEARER_PREFIX = "bearer "
 class BrokerServer:
     """The broker: ``await start()`` binds (``.port``), ``await stop()`` ends it."""
 
-    def __init__(self, settings: BrokerSettings, database_url: str) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        database_url: str,
+        *,
+        relay_settings: Any = None,
+    ) -> None:
+        """``relay_settings`` (a RelaySettings) applies when ``run_relay`` is set;
+        without it the relay reads its settings from the environment."""
         settings.validate()
         self.settings = settings
         self.database_url = database_url
@@ -55,6 +65,8 @@ class BrokerServer:
         self._writer: IngestWriter | None = None
         self._listener: CommandListener | None = None
         self._server: Server | None = None
+        self._relay: Service | None = None
+        self._relay_settings = relay_settings
         self._sessions: dict[uuid.UUID, set[RunnerSession]] = defaultdict(set)
         # Set by the handshake, read by the handler; weak, so a handshake that
         # fails after authentication leaves nothing behind.
@@ -100,15 +112,23 @@ class BrokerServer:
         sockets = list(self._server.sockets)
         self.port = sockets[0].getsockname()[1]
 
+        if settings.run_relay:
+            self._relay = _make_relay(self.database_url, self._relay_settings)
+            await self._relay.start()
+
         log.info(
             "broker.listening",
             url=self.url,
             database=redact_url(self.database_url),
+            relay=settings.run_relay,
         )
 
     async def stop(self) -> None:
         """Close connections, commit what is queued, release Postgres."""
         timeout = self.settings.stop_timeout
+        if self._relay is not None:
+            await self._relay.stop()
+            self._relay = None
         if self._server is not None:
             self._server.close()
             try:
@@ -284,3 +304,14 @@ def _unauthorised(reason: str) -> Response:
     response = _response(http.HTTPStatus.UNAUTHORIZED, f"{reason}\n".encode())
     response.headers["WWW-Authenticate"] = 'Bearer realm="runledger"'
     return response
+
+
+def _make_relay(database_url: str, relay_settings: Any) -> Service:
+    """The outbox relay, imported only when this process is to run it."""
+    from broker.relay import Relay
+    from broker.relay_settings import RelaySettings
+    from core.settings import load_settings
+
+    if relay_settings is None:
+        relay_settings = load_settings(RelaySettings)
+    return Relay(relay_settings, database_url)

@@ -77,6 +77,11 @@ class BrokerSettings:
     stop_timeout: float = setting(
         10.0, "Seconds `stop()` waits for connections and the writer to finish."
     )
+    run_relay: bool = setting(
+        False,
+        "Also run the outbox relay in this process (--with-relay); it reads its "
+        "own RUNLEDGER_* settings, RUNLEDGER_SIGNING_SECRET among them.",
+    )
     fault_crash_before_acknowledge: int = setting(
         0,
         "Tests only: drop this many connections after their events commit "

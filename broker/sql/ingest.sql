@@ -20,37 +20,68 @@ UPDATE runners
 SET disconnected_at = now(), last_seen_at = now()
 WHERE id = $1 AND connection_epoch = $2;
 
--- name: lock_runner_epochs
--- The current epoch of each runner, locked until commit so no fence can pass it.
-SELECT id, connection_epoch
-FROM runners
-WHERE id = ANY($1::uuid[])
-ORDER BY id
-FOR SHARE;
+-- name: store_events
+-- Store a batch in one statement: only for current connections and own commands.
+WITH batch AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
+                $6::bytea[], $7::text[], $8::timestamptz[], $9::uuid[],
+                $10::bigint[])
+        AS batch(command_id, sequence, id, kind, stream, data, payload,
+                 emitted_at, runner_id, connection_epoch)
+),
+-- Locked until commit: a newer connection's epoch cannot pass these writes.
+current_connections AS (
+    SELECT id, connection_epoch
+    FROM runners
+    WHERE id IN (SELECT DISTINCT runner_id FROM batch)
+    ORDER BY id
+    FOR SHARE
+),
+-- Read in the statement's snapshot, so before this batch's rows.
+highest_before AS (
+    SELECT grown.command_id,
+           (SELECT max(e.sequence) FROM events AS e
+            WHERE e.command_id = grown.command_id) AS sequence
+    FROM (SELECT DISTINCT command_id FROM batch) AS grown
+),
+inserted AS (
+    INSERT INTO events (command_id, sequence, id, kind, stream, data, payload,
+                        emitted_at)
+    SELECT batch.command_id, batch.sequence, batch.id, batch.kind, batch.stream,
+           batch.data, batch.payload::jsonb, batch.emitted_at
+    FROM batch
+    WHERE EXISTS (
+            SELECT 1 FROM current_connections AS r
+            WHERE r.id = batch.runner_id
+              AND r.connection_epoch = batch.connection_epoch)
+      AND EXISTS (
+            SELECT 1 FROM commands AS c
+            WHERE c.id = batch.command_id AND c.runner_id = batch.runner_id)
+    ON CONFLICT DO NOTHING
+    RETURNING command_id, sequence
+),
+notified AS (
+    SELECT pg_notify($11, grown.command_id::text)
+    FROM (SELECT DISTINCT command_id FROM inserted) AS grown
+)
+SELECT 'stored' AS row_kind, command_id, sequence FROM inserted
+UNION ALL
+SELECT 'highest_before', command_id, sequence FROM highest_before
+UNION ALL
+SELECT 'notified', NULL, NULL FROM notified;
 
--- name: command_owners
--- Each command's runner and the highest sequence stored for it so far.
-SELECT c.id,
-       c.runner_id,
-       (SELECT max(e.sequence) FROM events AS e WHERE e.command_id = c.id)
-           AS highest_sequence
-FROM commands AS c
-WHERE c.id = ANY($1::uuid[]);
+-- name: highest_sequences
+-- The highest stored sequence of each command, to number legacy events after it.
+SELECT command_id, max(sequence) AS highest
+FROM events
+WHERE command_id = ANY($1::uuid[])
+GROUP BY command_id;
 
--- name: insert_events
--- Store a batch of events; a stored key or id is left untouched; returns the new keys.
-INSERT INTO events (command_id, sequence, id, kind, stream, data, payload, emitted_at)
-SELECT batch.command_id, batch.sequence, batch.id, batch.kind, batch.stream,
-       batch.data, batch.payload::jsonb, batch.emitted_at
-FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
-            $6::bytea[], $7::text[], $8::timestamptz[])
-    AS batch(command_id, sequence, id, kind, stream, data, payload, emitted_at)
-ON CONFLICT DO NOTHING
-RETURNING command_id, sequence;
-
--- name: compare_with_stored
--- For events not inserted: whether the stored event at their key or id is the same.
+-- name: classify_unstored
+-- Why events were not stored: the same event stored, a conflict, or no right.
 SELECT batch.position,
+       owner.runner_id AS command_runner_id,
        at_key.id AS id_at_key,
        at_key.id IS NOT NULL
            AND at_key.id = batch.id
@@ -69,6 +100,7 @@ SELECT batch.position,
 FROM unnest($1::int[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[],
             $6::text[], $7::bytea[], $8::text[])
     AS batch(position, command_id, sequence, id, kind, stream, data, payload)
+LEFT JOIN commands AS owner ON owner.id = batch.command_id
 LEFT JOIN events AS at_key
     ON at_key.command_id = batch.command_id AND at_key.sequence = batch.sequence
 LEFT JOIN events AS by_id
@@ -80,8 +112,3 @@ INSERT INTO refused_events (runner_id, command_id, sequence, event_id, code, rea
 SELECT *
 FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[],
             $6::text[]);
-
--- name: notify_events
--- Wake the relay and the web tier's long polls for each command that grew.
-SELECT pg_notify($1, command_id::text)
-FROM unnest($2::uuid[]) AS batch(command_id);

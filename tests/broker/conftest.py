@@ -18,9 +18,9 @@ async def start_broker(database_url: str) -> AsyncIterator[StartBroker]:
     """Start brokers with setting overrides; all are stopped after the test."""
     started: list[BrokerServer] = []
 
-    async def start(**overrides: Any) -> BrokerServer:
+    async def start(*, relay_settings: Any = None, **overrides: Any) -> BrokerServer:
         settings = BrokerSettings(**{"port": 0, **overrides})
-        broker = BrokerServer(settings, database_url)
+        broker = BrokerServer(settings, database_url, relay_settings=relay_settings)
         await broker.start()
         started.append(broker)
         return broker

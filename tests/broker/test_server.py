@@ -10,6 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from broker.relay_settings import RelaySettings
 from broker.server import BrokerServer
 from core.commands import request_cancel
 from tests.broker.conftest import StartBroker
@@ -177,3 +178,47 @@ async def test_fenced_writes_are_refused_across_brokers(
     )
     assert refused == 1
     await newer.close()
+
+
+async def test_relay_runs_in_the_broker_process(
+    start_broker: StartBroker, pool: asyncpg.Pool
+) -> None:
+    """With run_relay the stored events reach the sink and /metrics shows the relay."""
+    bodies: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        bodies.put_nowait(await reader.readexactly(length))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    sink_server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    sink_port = sink_server.sockets[0].getsockname()[1]
+    relay_settings = RelaySettings(
+        sink_url=f"http://127.0.0.1:{sink_port}/api/runner/events",
+        signing_secret="test-signing-secret",
+    )
+    broker = await start_broker(run_relay=True, relay_settings=relay_settings)
+    registered = await register_runner(pool, "alpha")
+    command_id = await create_command(pool, registered.id, ["true"])
+    runner = await WireRunner.connect(broker.url, registered.token)
+
+    events = [output_event(command_id, 1, b"to the sink")]
+    await runner.send_events(events)
+    await runner.wait_settled(events)
+
+    body = await asyncio.wait_for(bodies.get(), 30)
+    assert str(events[0].id) in body.decode()
+    async with httpx.AsyncClient(timeout=10) as client:
+        page = await client.get(f"http://127.0.0.1:{broker.port}/metrics")
+    assert "runledger_relay_deliveries" in page.text
+    await runner.close()
+    sink_server.close()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import ssl
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,18 @@ from websockets.asyncio.client import ClientConnection, connect
 from core import wire
 
 DEADLINE_SECONDS = 30.0
+POLL_SECONDS = 0.05
+
+
+async def poll_until(
+    condition: Callable[[], Awaitable[bool]], seconds: float = DEADLINE_SECONDS
+) -> None:
+    """Wait until ``condition()`` holds; TimeoutError after ``seconds``."""
+    async with asyncio.timeout(seconds):
+        for _ in itertools.count():
+            if await condition():
+                return
+            await asyncio.sleep(POLL_SECONDS)
 
 
 def output_event(

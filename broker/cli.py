@@ -5,71 +5,58 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
+import typing
 from pathlib import Path
 
 from broker.server import BrokerServer
 from broker.settings import BrokerSettings
 from core.database import database_url_from_env
 from core.embedded import start_embedded_postgres
-from core.settings import load_settings
+from core.settings import env_name, load_settings
+
+# Set through the environment only: a fault for tests is no flag for people.
+_NOT_FLAGS = ("fault_crash_before_acknowledge",)
+_FLAG_NAMES = {"run_relay": "--with-relay"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``broker`` subcommand."""
+    """Add the ``broker`` subcommand, one flag per setting."""
     parser = subparsers.add_parser(
         "broker",
         help="run the broker: runners' WebSocket server, ingest and dispatch",
         description="Accept runners' connections, store their events in Postgres "
         "and acknowledge them after commit, and send them their commands. "
-        "Every flag can also be set as a RUNLEDGER_* variable "
-        "(RUNLEDGER_PORT, RUNLEDGER_MAX_FRAME_BYTES, ...).",
+        "Each flag can also be set as the RUNLEDGER_* variable it names; with "
+        "--with-relay the relay reads its own RUNLEDGER_* variables, "
+        "RUNLEDGER_SIGNING_SECRET among them.",
     )
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to bind (default 8765; 0: any)")
-    parser.add_argument(
-        "--tls-cert", type=Path, help="PEM certificate chain, to serve wss://"
-    )
-    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    parser.add_argument(
-        "--broker-id", help="name of this broker in the runners table (host:pid)"
-    )
-    parser.add_argument(
-        "--max-frame-bytes", type=int, help="largest frame accepted (1 MiB)"
-    )
-    parser.add_argument(
-        "--max-batch-events", type=int, help="most events in one frame (1000)"
-    )
-    parser.add_argument(
-        "--max-event-bytes", type=int, help="largest event accepted (256 KiB)"
-    )
-    parser.add_argument(
-        "--max-events-per-second",
-        type=int,
-        help="events per second one connection may send (20000)",
-    )
-    parser.add_argument(
-        "--max-connections-per-runner",
-        type=int,
-        help="open connections of one runner on this broker (4)",
-    )
-    parser.add_argument(
-        "--commit-max-events", type=int, help="most events per transaction (4000)"
-    )
-    parser.add_argument(
-        "--commit-window-seconds",
-        type=float,
-        help="wait for more events when a batch is small (0.001)",
-    )
-    parser.add_argument(
-        "--with-relay",
-        dest="run_relay",
-        action="store_true",
-        default=None,
-        help="also run the outbox relay in this process (its settings come from "
-        "RUNLEDGER_* variables, RUNLEDGER_SIGNING_SECRET among them)",
-    )
+    hints = typing.get_type_hints(BrokerSettings)
+    for field in dataclasses.fields(BrokerSettings):
+        if field.name in _NOT_FLAGS:
+            continue
+        flag = _FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
+        help_text = (
+            f"{field.metadata['doc']} (env {env_name(field.name)}, "
+            f"default {field.default})"
+        )
+        kind = hints[field.name]
+        if kind is bool:
+            parser.add_argument(
+                flag, dest=field.name, action="store_true", default=None, help=help_text
+            )
+        else:
+            converter = next(
+                (
+                    t
+                    for t in (int, float, Path)
+                    if t in typing.get_args(kind) or t is kind
+                ),
+                str,
+            )
+            parser.add_argument(flag, dest=field.name, type=converter, help=help_text)
     parser.set_defaults(handler=run_broker)
 
 
@@ -91,15 +78,15 @@ async def _serve(settings: BrokerSettings, database_url: str) -> None:
     broker = BrokerServer(settings, database_url)
     await broker.start()
     print(f"runledger broker: listening on {broker.url}", file=sys.stderr)
+    scheme = "https" if settings.tls else "http"
+    print(
+        f"runledger broker: metrics on {scheme}://{settings.host}:{broker.port}/metrics",
+        file=sys.stderr,
+    )
     if settings.run_relay:
         print(
             "runledger broker: the outbox relay runs in this process", file=sys.stderr
         )
-    print(
-        f"runledger broker: metrics on http{'s' if settings.tls else ''}://"
-        f"{settings.host}:{broker.port}/metrics",
-        file=sys.stderr,
-    )
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -425,8 +425,8 @@ async def _classify_unstored(
             item.result = _refused(
                 event,
                 "fenced",
-                "a newer connection of this runner took over; "
-                "the events go through that connection",
+                "this connection is no longer the runner's current one (a newer "
+                "connection took over, or the runner was revoked)",
             )
 
 

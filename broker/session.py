@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +118,12 @@ class RunnerSession:
             for task in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                     await task
+
+            # Frames still with the writer are stored all the same; nobody is
+            # left to hear how it went, and the runner resends them.
+            while not self._awaiting_acknowledgement.empty():
+                orphan = self._awaiting_acknowledgement.get_nowait()
+                orphan.outcome.add_done_callback(_ignore_outcome)
 
     def request_dispatch(self) -> None:
         """Wake the dispatcher (a command or cancel for this runner arrived)."""
@@ -235,12 +240,6 @@ class RunnerSession:
                 self._dispatch_wanted.set()
 
 
-def make_session_factory(**kwargs: Any) -> Callable[..., RunnerSession]:
-    """A RunnerSession constructor with the server-wide arguments bound."""
-
-    def factory(
-        connection: ServerConnection, runner: RunnerIdentity, epoch: int
-    ) -> RunnerSession:
-        return RunnerSession(connection, runner, epoch, **kwargs)
-
-    return factory
+def _ignore_outcome(outcome: asyncio.Future[Any]) -> None:
+    if not outcome.cancelled():
+        outcome.exception()

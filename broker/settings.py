@@ -118,5 +118,11 @@ class BrokerSettings:
                 "max_frame_bytes must not exceed max_frame_bytes_hard "
                 f"({self.max_frame_bytes} > {self.max_frame_bytes_hard})"
             )
+        if self.max_events_per_second < self.max_batch_events:
+            raise ConfigurationError(
+                "max_events_per_second must be at least max_batch_events, or a "
+                "full batch could never be accepted "
+                f"({self.max_events_per_second} < {self.max_batch_events})"
+            )
         if self.commit_window_seconds < 0:
             raise ConfigurationError("commit_window_seconds must be 0 or more")

@@ -34,7 +34,7 @@ WITH batch AS (
 current_connections AS (
     SELECT id, connection_epoch
     FROM runners
-    WHERE id IN (SELECT DISTINCT runner_id FROM batch)
+    WHERE id IN (SELECT DISTINCT runner_id FROM batch) AND revoked_at IS NULL
     ORDER BY id
     FOR SHARE
 ),

@@ -6,13 +6,11 @@ import asyncio
 import uuid
 
 import asyncpg
-import pytest
-from websockets.exceptions import ConnectionClosed
 
 from broker.ingest import sequence_anomalies
 from broker.server import BrokerServer
 from core import wire
-from tests.broker.conftest import StartBroker
+from tests.broker.conftest import RunnerWithCommand, StartBroker
 from tests.broker.wire_client import WireRunner, output_event
 from tests.conftest import create_command, register_runner
 
@@ -38,12 +36,11 @@ def test_sequence_anomalies_finds_gaps_and_late_arrivals() -> None:
 
 
 async def test_events_are_stored_in_order_and_acknowledged(
-    broker: BrokerServer, pool: asyncpg.Pool
+    broker: BrokerServer, pool: asyncpg.Pool, alpha: RunnerWithCommand
 ) -> None:
     """A batch is stored byte for byte and every event acknowledged after commit."""
-    registered = await register_runner(pool, "alpha")
-    command_id = await create_command(pool, registered.id, ["true"])
-    runner = await WireRunner.connect(broker.url, registered.token)
+    command_id = alpha.command_id
+    runner = await WireRunner.connect(broker.url, alpha.token)
 
     payloads = [b"\x00\xff\xfe raw", b"\r progress \x1b[31mred\x1b[0m", b"line\n"]
     events = [output_event(command_id, n + 1, data) for n, data in enumerate(payloads)]
@@ -58,24 +55,20 @@ async def test_events_are_stored_in_order_and_acknowledged(
 
 
 async def test_crash_after_commit_then_resend_is_acknowledged_once(
-    start_broker: StartBroker, pool: asyncpg.Pool
+    start_broker: StartBroker, pool: asyncpg.Pool, alpha: RunnerWithCommand
 ) -> None:
     """Events committed but not acknowledged are acknowledged on resend, stored once."""
     broker = await start_broker(fault_crash_before_acknowledge=1)
-    registered = await register_runner(pool, "alpha")
-    command_id = await create_command(pool, registered.id, ["true"])
+    command_id = alpha.command_id
     events = [output_event(command_id, n, f"chunk {n}".encode()) for n in (1, 2, 3)]
 
-    crashed = await WireRunner.connect(broker.url, registered.token)
+    crashed = await WireRunner.connect(broker.url, alpha.token)
     await crashed.send_events(events)
-    with pytest.raises(ConnectionClosed):
-        async with asyncio.timeout(10):
-            while True:
-                await crashed.receive()
+    await crashed.wait_closed()
     assert not crashed.acknowledged
     assert len(await stored_events(pool, command_id)) == 3
 
-    resent = await WireRunner.connect(broker.url, registered.token)
+    resent = await WireRunner.connect(broker.url, alpha.token)
     await resent.send_events(events)
     await resent.wait_settled(events)
 
@@ -87,12 +80,11 @@ async def test_crash_after_commit_then_resend_is_acknowledged_once(
 
 
 async def test_same_key_twice_in_one_batch(
-    broker: BrokerServer, pool: asyncpg.Pool
+    broker: BrokerServer, pool: asyncpg.Pool, alpha: RunnerWithCommand
 ) -> None:
     """An identical repeat in a batch is acknowledged; a different one is a conflict."""
-    registered = await register_runner(pool, "alpha")
-    command_id = await create_command(pool, registered.id, ["true"])
-    runner = await WireRunner.connect(broker.url, registered.token)
+    command_id = alpha.command_id
+    runner = await WireRunner.connect(broker.url, alpha.token)
 
     original = output_event(command_id, 1, b"original")
     impostor = output_event(command_id, 1, b"impostor")
@@ -107,12 +99,11 @@ async def test_same_key_twice_in_one_batch(
 
 
 async def test_conflicting_resend_is_refused_and_recorded(
-    broker: BrokerServer, pool: asyncpg.Pool
+    broker: BrokerServer, pool: asyncpg.Pool, alpha: RunnerWithCommand
 ) -> None:
     """A different event at a stored key is refused and recorded, never stored."""
-    registered = await register_runner(pool, "alpha")
-    command_id = await create_command(pool, registered.id, ["true"])
-    runner = await WireRunner.connect(broker.url, registered.token)
+    command_id = alpha.command_id
+    runner = await WireRunner.connect(broker.url, alpha.token)
 
     original = output_event(command_id, 1, b"original")
     await runner.send_events([original])
@@ -163,12 +154,11 @@ async def test_another_runners_command_and_unknown_commands_are_refused(
 
 
 async def test_legacy_events_get_id_and_sequence_from_the_broker(
-    broker: BrokerServer, pool: asyncpg.Pool
+    broker: BrokerServer, pool: asyncpg.Pool, alpha: RunnerWithCommand
 ) -> None:
     """Events without id or sequence are numbered by the broker after stored ones."""
-    registered = await register_runner(pool, "alpha")
-    command_id = await create_command(pool, registered.id, ["true"])
-    runner = await WireRunner.connect(broker.url, registered.token)
+    command_id = alpha.command_id
+    runner = await WireRunner.connect(broker.url, alpha.token)
 
     first = output_event(command_id, 1, b"numbered")
     await runner.send_events([first])
@@ -189,14 +179,13 @@ async def test_legacy_events_get_id_and_sequence_from_the_broker(
 
 
 async def test_gaps_and_out_of_order_are_stored_and_counted(
-    broker: BrokerServer, pool: asyncpg.Pool
+    broker: BrokerServer, pool: asyncpg.Pool, alpha: RunnerWithCommand
 ) -> None:
     """A gap and a late arrival are still stored, and show in the metrics."""
     from broker import metrics
 
-    registered = await register_runner(pool, "alpha")
-    command_id = await create_command(pool, registered.id, ["true"])
-    runner = await WireRunner.connect(broker.url, registered.token)
+    command_id = alpha.command_id
+    runner = await WireRunner.connect(broker.url, alpha.token)
     gaps_before = metrics.SEQUENCE_GAPS._value.get()
     late_before = metrics.OUT_OF_ORDER._value.get()
 
@@ -213,17 +202,16 @@ async def test_gaps_and_out_of_order_are_stored_and_counted(
 
 
 async def test_commit_notifies_each_grown_command(
-    broker: BrokerServer, pool: asyncpg.Pool, database_url: str
+    broker: BrokerServer, alpha: RunnerWithCommand, database_url: str
 ) -> None:
     """The commit sends pg_notify on runledger_events with the command id."""
-    registered = await register_runner(pool, "alpha")
-    command_id = await create_command(pool, registered.id, ["true"])
+    command_id = alpha.command_id
     notified: asyncio.Queue[str] = asyncio.Queue()
     listener = await asyncpg.connect(database_url)
     await listener.add_listener(
         "runledger_events", lambda *args: notified.put_nowait(args[-1])
     )
-    runner = await WireRunner.connect(broker.url, registered.token)
+    runner = await WireRunner.connect(broker.url, alpha.token)
 
     event = output_event(command_id, 1, b"x")
     await runner.send_events([event])
@@ -232,3 +220,39 @@ async def test_commit_notifies_each_grown_command(
     assert await asyncio.wait_for(notified.get(), 10) == str(command_id)
     await runner.close()
     await listener.close()
+
+
+async def test_legacy_resend_with_an_id_is_acknowledged_at_its_first_sequence(
+    broker: BrokerServer, pool: asyncpg.Pool, alpha: RunnerWithCommand
+) -> None:
+    """An event with an id but no sequence, sent twice, is stored once."""
+    runner = await WireRunner.connect(broker.url, alpha.token)
+    legacy = wire.WireEvent(
+        command_id=alpha.command_id,
+        kind="progress",
+        id=uuid.uuid4(),
+        payload={"percent": 40},
+    )
+
+    await runner.send(wire.LegacyEventMessage(event=legacy))
+    await runner.wait_settled([legacy])
+    await runner.send(wire.LegacyEventMessage(event=legacy))
+    await runner.receive_until(lambda r: len(r.acknowledgements) == 2)
+
+    assert [a.sequence for a in runner.acknowledgements] == [1, 1]
+    assert len(await stored_events(pool, alpha.command_id)) == 1
+    await runner.close()
+
+
+async def test_a_revoked_runner_stores_nothing_more(
+    broker: BrokerServer, pool: asyncpg.Pool, alpha: RunnerWithCommand
+) -> None:
+    """Revoking a connected runner fences its connection at the next write."""
+    runner = await WireRunner.connect(broker.url, alpha.token)
+    await pool.execute("UPDATE runners SET revoked_at = now() WHERE id = $1", alpha.id)
+
+    await runner.send_events([output_event(alpha.command_id, 1, b"too late")])
+    await runner.wait_closed()
+
+    assert [error.code for error in runner.errors] == ["fenced"]
+    assert await stored_events(pool, alpha.command_id) == []

@@ -8,12 +8,12 @@ import asyncpg
 import httpx
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from broker.relay_settings import RelaySettings
 from broker.server import BrokerServer
 from core.commands import request_cancel
-from tests.broker.conftest import StartBroker
+from tests.broker.conftest import RunnerWithCommand, StartBroker
 from tests.broker.wire_client import WireRunner, output_event
 from tests.conftest import create_command, register_runner
 
@@ -128,18 +128,14 @@ async def test_new_commands_and_cancels_reach_a_connected_runner(
 
 
 async def test_second_connection_fences_the_first(
-    broker: BrokerServer, pool: asyncpg.Pool
+    broker: BrokerServer, pool: asyncpg.Pool, alpha: RunnerWithCommand
 ) -> None:
     """A newer connection of the same runner closes the older one."""
-    registered = await register_runner(pool, "alpha")
-    command_id = await create_command(pool, registered.id, ["true"])
-    older = await WireRunner.connect(broker.url, registered.token)
-    newer = await WireRunner.connect(broker.url, registered.token)
+    command_id = alpha.command_id
+    older = await WireRunner.connect(broker.url, alpha.token)
+    newer = await WireRunner.connect(broker.url, alpha.token)
 
-    with pytest.raises(ConnectionClosed):
-        async with asyncio.timeout(10):
-            while True:
-                await older.receive()
+    await older.wait_closed()
     assert older.connection.close_code == 4001
 
     events = [output_event(command_id, 1, b"from the newer connection")]
@@ -150,24 +146,20 @@ async def test_second_connection_fences_the_first(
 
 
 async def test_fenced_writes_are_refused_across_brokers(
-    start_broker: StartBroker, pool: asyncpg.Pool
+    start_broker: StartBroker, pool: asyncpg.Pool, alpha: RunnerWithCommand
 ) -> None:
     """A connection fenced by another broker gets its writes refused, not stored."""
     first_broker = await start_broker()
     second_broker = await start_broker()
-    registered = await register_runner(pool, "alpha")
-    command_id = await create_command(pool, registered.id, ["true"])
+    command_id = alpha.command_id
 
-    older = await WireRunner.connect(first_broker.url, registered.token)
-    newer = await WireRunner.connect(second_broker.url, registered.token)
+    older = await WireRunner.connect(first_broker.url, alpha.token)
+    newer = await WireRunner.connect(second_broker.url, alpha.token)
     assert newer.hello.connection_epoch > older.hello.connection_epoch
 
     stale = output_event(command_id, 1, b"stale")
     await older.send_events([stale])
-    with pytest.raises(ConnectionClosed):
-        async with asyncio.timeout(10):
-            while True:
-                await older.receive()
+    await older.wait_closed()
     assert [e.code for e in older.errors] == ["fenced"]
     assert not older.acknowledged
     stored = await pool.fetchval("SELECT count(*) FROM events")
@@ -181,7 +173,7 @@ async def test_fenced_writes_are_refused_across_brokers(
 
 
 async def test_relay_runs_in_the_broker_process(
-    start_broker: StartBroker, pool: asyncpg.Pool
+    start_broker: StartBroker, pool: asyncpg.Pool, alpha: RunnerWithCommand
 ) -> None:
     """With run_relay the stored events reach the sink and /metrics shows the relay."""
     bodies: asyncio.Queue[bytes] = asyncio.Queue()
@@ -207,9 +199,8 @@ async def test_relay_runs_in_the_broker_process(
         signing_secret="test-signing-secret",
     )
     broker = await start_broker(run_relay=True, relay_settings=relay_settings)
-    registered = await register_runner(pool, "alpha")
-    command_id = await create_command(pool, registered.id, ["true"])
-    runner = await WireRunner.connect(broker.url, registered.token)
+    command_id = alpha.command_id
+    runner = await WireRunner.connect(broker.url, alpha.token)
 
     events = [output_event(command_id, 1, b"to the sink")]
     await runner.send_events(events)

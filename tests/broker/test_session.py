@@ -16,7 +16,7 @@ from websockets.exceptions import InvalidStatus
 from broker import metrics
 from broker.server import BrokerServer
 from core import wire
-from tests.broker.conftest import StartBroker
+from tests.broker.conftest import RunnerWithCommand, StartBroker
 from tests.broker.wire_client import WireRunner, output_event
 from tests.conftest import create_command, register_runner
 
@@ -176,24 +176,21 @@ def self_signed_certificate(tmp_path: Path) -> tuple[Path, Path]:
 
 async def test_tls_broker_is_verified_with_a_ca_bundle(
     start_broker: StartBroker,
-    pool: asyncpg.Pool,
+    alpha: RunnerWithCommand,
     self_signed_certificate: tuple[Path, Path],
 ) -> None:
     """The broker serves wss://; a client trusting the certificate delivers events."""
     certificate, key = self_signed_certificate
     broker = await start_broker(tls_cert=certificate, tls_key=key)
     assert broker.url.startswith("wss://")
-    registered = await register_runner(pool, "alpha")
-    command_id = await create_command(pool, registered.id, ["true"])
+    command_id = alpha.command_id
 
     untrusting = ssl.create_default_context()
     with pytest.raises(ssl.SSLCertVerificationError):
-        await WireRunner.connect(broker.url, registered.token, ssl_context=untrusting)
+        await WireRunner.connect(broker.url, alpha.token, ssl_context=untrusting)
 
     trusting = ssl.create_default_context(cafile=str(certificate))
-    runner = await WireRunner.connect(
-        broker.url, registered.token, ssl_context=trusting
-    )
+    runner = await WireRunner.connect(broker.url, alpha.token, ssl_context=trusting)
     await deliver(runner, command_id, 1)
     await runner.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import ssl
 import uuid
@@ -12,6 +13,7 @@ from typing import Any
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from core import wire
 
@@ -56,6 +58,7 @@ class WireRunner:
     connection: ClientConnection
     hello: wire.Hello
     acknowledged: dict[tuple[uuid.UUID, int], uuid.UUID] = field(default_factory=dict)
+    acknowledgements: list[wire.Acknowledged] = field(default_factory=list)
     refused: list[wire.Refused] = field(default_factory=list)
     errors: list[wire.ErrorMessage] = field(default_factory=list)
     commands: list[wire.CommandMessage] = field(default_factory=list)
@@ -96,6 +99,7 @@ class WireRunner:
         frame = await asyncio.wait_for(self.connection.recv(), DEADLINE_SECONDS)
         message = wire.broker_message_decoder.decode(frame)
         if isinstance(message, wire.EventAck):
+            self.acknowledgements.extend(message.acknowledged)
             for acknowledged in message.acknowledged:
                 self.acknowledged[(acknowledged.command_id, acknowledged.sequence)] = (
                     acknowledged.id
@@ -125,6 +129,13 @@ class WireRunner:
             return wanted <= answered
 
         await self.receive_until(settled)
+
+    async def wait_closed(self) -> None:
+        """Read until the broker closes the connection (bounded by a deadline)."""
+        async with asyncio.timeout(DEADLINE_SECONDS):
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await self.receive()
 
     async def close(self) -> None:
         """Close the connection normally."""

@@ -63,7 +63,7 @@ def sqlalchemy_url(url: str) -> str:
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, safe to print or log."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    return re.sub(r"(://[^:/@]+):[^@]+@", r"\1:***@", url)
 
 
 async def create_pool(

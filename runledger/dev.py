@@ -360,9 +360,9 @@ async def _run_dev(args: argparse.Namespace, url: str) -> int:
                 return 130
             interrupted.cancel()
             outcome = run.result()
-            print(
-                f"\nrunledger: log page {stack.web_url}/commands/{outcome.command_id}"
-            )
+            # The child's last line may lack a newline; start ours on a fresh one.
+            print(file=sys.stderr)
+            _say(f"log page {stack.web_url}/commands/{outcome.command_id}")
             report_outcome(outcome)
             exit_code = outcome.exit_code if outcome.exit_code is not None else 1
             if not outcome.verified:

@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
+
 from bench.soak.checks import FINAL_STATUSES, Submitted, Verdict, check, queries
 from bench.soak.child import LINE_BYTES
 from bench.soak.cluster import CHUNK_BYTES, Cluster, runledger_argv
@@ -69,24 +71,45 @@ async def drive(
 
     while planned < plan.events and time.monotonic() < deadline:
         running = [c.id for group in active.values() for c in group]
-        async with cluster.pool.acquire() as connection:
-            states = {
-                r["id"]: r["status"]
-                for r in await connection.fetch(queries.command_states, running)
-            }
-            for runner_id, group in active.items():
-                group[:] = [c for c in group if states.get(c.id) not in FINAL_STATUSES]
-                while len(group) < COMMANDS_PER_RUNNER and planned < plan.events:
-                    seed += 1
-                    lines = chooser.randint(*plan.lines)
-                    argv = [sys.executable, str(CHILD), str(seed), str(lines)]
-                    command_id = await submit_command(connection, runner_id, argv)
-                    command = Submitted(command_id, seed, lines)
-                    group.append(command)
-                    submitted.append(command)
-                    planned += estimated_events(lines)
+        try:
+            planned, seed = await _top_up(
+                cluster, plan, chooser, active, submitted, running, planned, seed
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            # Postgres may be restarting (a fault); try again shortly.
+            log.warning("soak.submit_retry", error=str(error))
         await asyncio.sleep(POLL_SECONDS)
     return submitted
+
+
+async def _top_up(
+    cluster: Cluster,
+    plan: Plan,
+    chooser: random.Random,
+    active: dict[uuid.UUID, list[Submitted]],
+    submitted: list[Submitted],
+    running: list[uuid.UUID],
+    planned: int,
+    seed: int,
+) -> tuple[int, int]:
+    assert cluster.pool is not None
+    async with cluster.pool.acquire() as connection:
+        states = {
+            r["id"]: r["status"]
+            for r in await connection.fetch(queries.command_states, running)
+        }
+        for runner_id, group in active.items():
+            group[:] = [c for c in group if states.get(c.id) not in FINAL_STATUSES]
+            while len(group) < COMMANDS_PER_RUNNER and planned < plan.events:
+                seed += 1
+                lines = chooser.randint(*plan.lines)
+                argv = [sys.executable, str(CHILD), str(seed), str(lines)]
+                command_id = await submit_command(connection, runner_id, argv)
+                command = Submitted(command_id, seed, lines)
+                group.append(command)
+                submitted.append(command)
+                planned += estimated_events(lines)
+    return planned, seed
 
 
 async def drain(cluster: Cluster, submitted: list[Submitted], seconds: float) -> bool:
@@ -95,10 +118,14 @@ async def drain(cluster: Cluster, submitted: list[Submitted], seconds: float) ->
     deadline = time.monotonic() + seconds
     ids = [c.id for c in submitted]
     while time.monotonic() < deadline:
-        async with cluster.pool.acquire() as connection:
-            states = await connection.fetch(queries.command_states, ids)
-            unfinished = sum(1 for r in states if r["status"] not in FINAL_STATUSES)
-            undelivered = await connection.fetchval(queries.undelivered_total)
+        try:
+            async with cluster.pool.acquire() as connection:
+                states = await connection.fetch(queries.command_states, ids)
+                undelivered = await connection.fetchval(queries.undelivered_total)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await asyncio.sleep(1)
+            continue
+        unfinished = sum(1 for r in states if r["status"] not in FINAL_STATUSES)
         if unfinished == 0 and undelivered == 0:
             return True
         await asyncio.sleep(1)
@@ -176,6 +203,7 @@ async def soak(plan: Plan, workdir: Path) -> int:
             print("soak: the drain did not finish in time", file=sys.stderr)
         audit_code, audit_output = await audit(cluster)
         (workdir / "audit.txt").write_text(audit_output)
+        (workdir / "faults.txt").write_text("\n".join(injector.timeline) + "\n")
         assert cluster.pool is not None
         verdict = await check(cluster.pool, submitted)
     finally:

@@ -94,6 +94,7 @@ class FaultInjector:
     chooser: random.Random
     min_gap: float
     max_gap: float
+    timeline: list[str] = field(default_factory=list)
     injected: Counter[str] = field(default_factory=Counter)
     failed: Counter[str] = field(default_factory=Counter)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -112,14 +113,17 @@ class FaultInjector:
             # Every kind once, in random order, then any kind at random.
             name = pending.pop() if pending else self.chooser.choice(list(FAULTS))
             started = time.monotonic()
+            began = time.strftime("%H:%M:%S", time.gmtime())
             try:
                 await FAULTS[name](self.cluster, self.chooser)
                 self.injected[name] += 1
+                outcome = "done"
             except Exception as error:
                 self.failed[name] += 1
+                outcome = f"failed: {error}"
                 log.error("soak.fault_failed", fault=name, error=str(error))
-            log.info(
-                "soak.fault", fault=name, seconds=round(time.monotonic() - started, 1)
+            self.timeline.append(
+                f"{began} {name} ({time.monotonic() - started:.1f} s) {outcome}"
             )
 
     def stop(self) -> None:

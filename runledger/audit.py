@@ -28,6 +28,7 @@ import asyncpg
 
 import core
 from core.database import Queries, create_pool, redact_url
+from core.errors import ConfigurationError
 from core.retention import PruneProgress, RetentionReport, RetentionSettings, prune_once
 from core.settings import load_settings
 from runledger.database import resolve_database_url
@@ -96,20 +97,24 @@ async def run_audit(
             "checking every command for lost, dead and stuck events "
             f"(audit_commands, stuck after {format_duration(stuck_after)})"
         )
-        counts = await connection.fetchrow(queries.problem_counts, stuck_after)
         problem_commands = await connection.fetch(
             queries.problem_commands, stuck_after, limit
         )
 
+    # Lost and dead counts come with the system totals, from the same snapshot.
+    system_figures = dict(system) if system is not None else {}
     return AuditResult(
         stuck_after=stuck_after,
-        system=dict(system) if system is not None else {},
+        system=system_figures,
         runners=[dict(row) for row in runners],
-        commands_checked=counts["commands_checked"],
-        lost=counts["lost"],
-        dead=counts["dead"],
-        stuck=counts["stuck"],
-        problem_commands=[dict(row) for row in problem_commands],
+        commands_checked=system_figures.get("commands", 0),
+        lost=system_figures.get("lost_commands", 0),
+        dead=system_figures.get("dead_commands", 0),
+        stuck=problem_commands[0]["stuck_commands"] if problem_commands else 0,
+        problem_commands=[
+            {key: value for key, value in row.items() if key != "stuck_commands"}
+            for row in problem_commands
+        ],
     )
 
 
@@ -350,7 +355,12 @@ async def _audit(url: str, args: argparse.Namespace, out: TextIO, err: TextIO) -
 
 
 def audit_command(args: argparse.Namespace) -> int:
-    """Handler of ``runledger audit``."""
+    """Handler of ``runledger audit``; raises ConfigurationError for bad flags."""
+    if args.limit < 1 or args.stuck_after <= 0:
+        raise ConfigurationError(
+            "--limit must be at least 1 and --stuck-after a positive number of "
+            "seconds, like --limit 20 --stuck-after 300"
+        )
     url = args.database_url or resolve_database_url(quiet=args.quiet)
     return asyncio.run(_audit(url, args, sys.stdout, sys.stderr))
 

@@ -6,23 +6,20 @@ SELECT * FROM audit_system;
 -- Every runner's rolled-up figures, by name.
 SELECT * FROM audit_runners ORDER BY runner_name;
 
--- name: problem_counts
--- How many commands lost events, are dead, or have events pending longer than $1.
-SELECT
-    count(*) AS commands_checked,
-    count(*) FILTER (WHERE lost) AS lost,
-    count(*) FILTER (WHERE dead) AS dead,
-    count(*) FILTER (WHERE oldest_pending_age > $1) AS stuck
-FROM audit_commands;
-
 -- name: problem_commands
--- Up to $2 commands that lost events, are dead, or have events pending longer than $1; worst first.
+-- Up to $2 commands that lost events, are dead, or have events pending longer than $1; worst first, each row with the count of stuck commands.
+WITH judged AS (
+    SELECT
+        a.*,
+        r.name AS runner_name,
+        coalesce(a.oldest_pending_age > $1, false) AS stuck
+    FROM audit_commands AS a
+    JOIN runners AS r ON r.id = a.runner_id
+)
 SELECT
-    a.*,
-    r.name AS runner_name,
-    a.oldest_pending_age > $1 AS stuck
-FROM audit_commands AS a
-JOIN runners AS r ON r.id = a.runner_id
-WHERE a.lost OR a.dead OR a.oldest_pending_age > $1
-ORDER BY a.lost DESC, a.dead DESC, a.oldest_pending_at, a.created_at
+    *,
+    count(*) FILTER (WHERE stuck) OVER () AS stuck_commands
+FROM judged
+WHERE lost OR dead OR stuck
+ORDER BY lost DESC, dead DESC, oldest_pending_at, created_at
 LIMIT $2;

@@ -28,7 +28,7 @@ import asyncpg
 
 import core
 from core.database import Queries, create_pool, redact_url
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, DatabaseError
 from core.retention import PruneProgress, RetentionReport, RetentionSettings, prune_once
 from core.settings import load_settings
 from runledger.database import resolve_database_url
@@ -347,11 +347,22 @@ async def _audit(url: str, args: argparse.Namespace, out: TextIO, err: TextIO) -
             args.limit,
             None if args.quiet else _progress_printer(err),
         )
+    except asyncpg.PostgresError as error:
+        raise _database_error(error) from error
     finally:
         await pool.close()
 
     out.write(to_json(result) if args.json else render_text(result))
     return EXIT_HEALTHY if result.healthy else EXIT_PROBLEMS
+
+
+def _database_error(error: asyncpg.PostgresError) -> DatabaseError:
+    """Translate a driver error, naming the fix when the schema is too old."""
+    if isinstance(error, asyncpg.UndefinedTableError):
+        return DatabaseError(
+            f"{error}: the schema predates the audit views; run `runledger migrate`"
+        )
+    return DatabaseError(f"the audit could not read the database: {error}")
 
 
 def audit_command(args: argparse.Namespace) -> int:
@@ -434,6 +445,8 @@ async def _prune(
             None if args.quiet else _prune_printer(sys.stderr, args.dry_run),
             dry_run=args.dry_run,
         )
+    except asyncpg.PostgresError as error:
+        raise _database_error(error) from error
     finally:
         await pool.close()
     out.write(render_prune_report(report, args.dry_run))

@@ -333,3 +333,42 @@ async def test_upgrade_during_ingest_does_not_stall_writers(
         # No writer waited on the migration for longer than its lock timeout
         # (plus slack for a busy machine).
         assert max(latencies) < lock_timeout_seconds + 1.0, max(latencies)
+
+
+async def test_an_upgrade_blocked_too_long_fails_cleanly_and_can_be_rerun(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a transaction outlasts every retry, the upgrade stops with the lock
+    error at the previous revision; rerun afterwards, it completes."""
+    monkeypatch.setenv(LOCK_TIMEOUT_VARIABLE, "0.2")
+
+    with _empty_database(postgres_server) as url:
+        await asyncio.to_thread(upgrade, url, "0001")
+        blocker = await asyncpg.connect(url)
+        try:
+            # An open transaction that wrote to events: an index on events
+            # cannot be built until it ends.
+            blocking = blocker.transaction()
+            await blocking.start()
+            await blocker.execute(
+                "INSERT INTO events (command_id, sequence, id, kind) "
+                "VALUES ($1, 1, $2, 'output')",
+                uuid.uuid4(),
+                uuid.uuid4(),
+            )
+
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                await asyncio.to_thread(upgrade, url, "head")
+            assert getattr(raised.value.orig, "sqlstate", None) == "55P03"
+            assert _current_revision(url) == "0001"
+            await blocking.rollback()
+        finally:
+            await blocker.close()
+
+        await asyncio.to_thread(upgrade, url, "head")
+        assert _current_revision(url) == _revisions()[-1]
+        with psycopg.connect(url) as connection:
+            invalid = connection.execute(
+                "SELECT count(*) FROM pg_index WHERE NOT indisvalid"
+            ).fetchone()
+        assert invalid == (0,)

@@ -15,6 +15,7 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
+from core.errors import DatabaseError
 from runledger import audit
 from tests.conftest import register_runner
 from tests.delivery_history import (
@@ -487,3 +488,17 @@ def test_tables_align_text_left_and_figures_right() -> None:
         ("NAME", "EVENTS"), [("a", "1"), ("long", "1,000")], "lr"
     )
     assert lines == ["  NAME  EVENTS", "  a          1", "  long   1,000"]
+
+
+async def test_audit_on_a_schema_without_the_views_says_to_migrate(
+    database_url: str,
+) -> None:
+    """An old schema is a DatabaseError that names runledger migrate."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute("DROP VIEW audit_system")
+    finally:
+        await connection.close()
+
+    with pytest.raises(DatabaseError, match="runledger migrate"):
+        await run_cli(["audit", "--quiet", "--database-url", database_url])

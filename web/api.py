@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import asyncpg
 import msgspec
@@ -60,6 +60,9 @@ log = get_logger("web")
 queries = Queries(Path(__file__).parent / "sql" / "web.sql")
 
 NO_CSRF = {"exclude_from_csrf": True}
+
+# Events read per query while streaming a raw log.
+RAW_PAGE_EVENTS = 1000
 
 
 # -- reading ---------------------------------------------------------------
@@ -111,7 +114,11 @@ async def command_log(
         QueryParameter(description="one stream only; both, interleaved, when omitted"),
     ] = None,
 ) -> Stream:
-    """The stored output, byte for byte, in sequence order (holes are skipped)."""
+    """The stored output, byte for byte, in sequence order.
+
+    The body ends before the first missing sequence, exactly where a reader of
+    the events API would wait; that API tells which sequences are missing.
+    """
     runtime = runtime_of(request)
     if await runtime.pool.fetchval(queries.command_state, command_id) is None:
         raise NotFoundException(f"no command {command_id}")
@@ -122,13 +129,23 @@ async def command_log(
 
 
 async def _output_chunks(
-    pool: asyncpg.Pool, command_id: FromPath[uuid.UUID], stream: str | None
+    pool: asyncpg.Pool, command_id: uuid.UUID, stream: str | None
 ) -> AsyncIterator[bytes]:
-    sql = queries.stream_output if stream else queries.all_output
-    arguments: tuple[Any, ...] = (command_id, stream) if stream else (command_id,)
-    async with pool.acquire() as connection, connection.transaction():
-        async for row in connection.cursor(sql, *arguments, prefetch=64):
-            yield bytes(row["data"])
+    # Page by cursor, like a reader of the events API, and stop at the first
+    # missing sequence: a download never silently skips a hole.
+    after = 0
+    while True:
+        rows = await pool.fetch(
+            queries.events_after, command_id, after, RAW_PAGE_EVENTS
+        )
+        for row in rows:
+            if row["sequence"] != after + 1:
+                return
+            after = row["sequence"]
+            if row["kind"] == "output" and stream in (None, row["stream"]):
+                yield bytes(row["data"])
+        if len(rows) < RAW_PAGE_EVENTS:
+            return
 
 
 @get("/commands", summary="Commands, newest first")

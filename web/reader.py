@@ -114,16 +114,17 @@ async def read_page_waiting(
 ) -> EventsPage:
     """Like :func:`read_page`, but hold on up to ``wait_seconds`` for news.
 
-    Returns at once when the page has events; otherwise as soon as anything
-    the reader can see changes (a new highest sequence, a gap, the end), or
-    when the wait is over.
+    Returns at once when the page has events or the reader waits at a hole it
+    can pass (recorded by the relay, or left when the command ended);
+    otherwise as soon as anything the reader can see changes (a new highest
+    sequence, a gap, the end), or when the wait is over.
     """
     deadline = time.monotonic() + wait_seconds
     async with pool.acquire() as connection:
         page = await read_page(connection, command_id, after, limit)
     baseline = _news_marker(page)
 
-    while not page.events and not notifier.closed:
+    while not page.events and not _reader_can_move(page) and not notifier.closed:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
@@ -133,6 +134,15 @@ async def read_page_waiting(
         if _news_marker(page) != baseline:
             break
     return page
+
+
+def _reader_can_move(page: EventsPage) -> bool:
+    # A hole the relay gave up on, or one left when the command ended, is
+    # something the reader can act on now (show it and move past it).
+    return any(
+        gap.first == page.next_after + 1 and (gap.recorded or page.finished)
+        for gap in page.gaps
+    )
 
 
 def _news_marker(page: EventsPage) -> tuple[object, ...]:

@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import httpx
@@ -151,3 +152,14 @@ async def store_run(
         payload=exit_payload(stdout, stderr, status, exit_code),
     )
     return sequence
+
+
+@pytest.fixture
+async def browser_page() -> AsyncIterator[Any]:
+    """A fresh chromium page (see tests/web/browser.py); skips without chromium."""
+    from tests.web.browser import CHROMIUM, open_browser_page
+
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium")
+    async for page in open_browser_page():
+        yield page

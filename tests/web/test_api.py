@@ -68,6 +68,17 @@ async def test_raw_log_keeps_sequence_order_per_stream(
     ).status_code == 400
 
 
+async def test_raw_log_stops_at_the_first_missing_sequence(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, stored_command: StoredCommand
+) -> None:
+    """A download ends before a hole instead of skipping it silently."""
+    command_id = stored_command.command_id
+    for sequence, data in ((1, b"one "), (2, b"two "), (4, b"four")):
+        await insert_event(pool, command_id, sequence, data=data)
+    raw = await client.get(f"/api/commands/{command_id}/log")
+    assert raw.content == b"one two "
+
+
 async def test_lists_show_commands_and_runners(
     client: httpx.AsyncClient, pool: asyncpg.Pool, stored_command: StoredCommand
 ) -> None:

@@ -10,18 +10,17 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from core import signing
 from core.delivery import DeliveredEvent, DeliveryBatch, delivery_id_for, encode
 from tests.conftest import create_command
+from tests.web.browser import SCREENSHOTS, shoot, sign_in, skip_without_chromium
 from tests.web.conftest import (
-    API_TOKEN,
     SIGNING_SECRET,
     StoredCommand,
     exit_payload,
@@ -29,57 +28,10 @@ from tests.web.conftest import (
 )
 from web.server import WebServer
 
-CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="Debian's chromium is not installed at /usr/bin/chromium "
-        "(apt-get install -y chromium)",
-    ),
-]
-
-
-@pytest.fixture
-async def browser_page() -> AsyncIterator[Any]:
-    """A fresh chromium page, 1400x900, with the pages' CSP bypassed.
-
-    Bypassing the Content-Security-Policy lets the test evaluate its own
-    checks, and proves the log view is inert by construction, not only
-    because the policy forbids inline scripts.
-    """
-    playwright_api = pytest.importorskip("playwright.async_api")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    async with playwright_api.async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            context = await browser.new_context(
-                viewport={"width": 1400, "height": 900}, bypass_csp=True
-            )
-            page = await context.new_page()
-            page.set_default_timeout(30_000)
-            yield page
-        finally:
-            await browser.close()
+pytestmark = [pytest.mark.browser, skip_without_chromium]
 
 
 async def _deliver(server: WebServer, events: list[DeliveredEvent]) -> None:
-    import httpx
-
     command_id = events[0].command_id
     batch = DeliveryBatch(
         delivery_id_for(command_id, events[0].sequence, events[-1].sequence),
@@ -93,17 +45,6 @@ async def _deliver(server: WebServer, events: list[DeliveredEvent]) -> None:
             "/api/runner/events", content=body, headers=headers
         )
     assert response.status_code == 200, response.text
-
-
-async def _sign_in(page: Any, server: WebServer) -> None:
-    await page.goto(f"{server.url}/signin")
-    await page.fill("input[name=token]", API_TOKEN)
-    await page.click("button[type=submit]")
-    await page.wait_for_url(f"{server.url}/commands")
-
-
-async def _shoot(page: Any, name: str) -> None:
-    await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
 HOSTILE_LINE = (
@@ -203,7 +144,7 @@ async def test_command_page_follows_a_live_log_safely(
         "document.getElementById('log-state').textContent.startsWith('complete')"
     )
     assert await page.locator("#status-badge .badge-succeeded").count() == 1
-    await _shoot(page, "command-succeeded")
+    await shoot(page, "command-succeeded")
     await log.evaluate("element => { element.scrollTop = 0; }")
     await log.screenshot(path=str(SCREENSHOTS / "command-log-colours.png"))
 
@@ -235,7 +176,7 @@ async def test_gap_is_shown_as_missing_range(
     )
     gap = browser_page.locator("#log .line.gap")
     assert "missing 41-57" in await gap.text_content()
-    await _shoot(browser_page, "command-gap")
+    await shoot(browser_page, "command-gap")
 
 
 async def test_pages_render_and_forms_work(
@@ -250,13 +191,13 @@ async def test_pages_render_and_forms_work(
 
     await page.goto(f"{web_server.url}/runners")
     assert await page.locator("td.strong", has_text="laptop").count() == 1
-    await _shoot(page, "runners")
+    await shoot(page, "runners")
 
     await page.goto(f"{web_server.url}/signin")
-    await _shoot(page, "signin")
-    await _sign_in(page, web_server)
+    await shoot(page, "signin")
+    await sign_in(page, web_server)
     assert await page.locator("#run-form").count() == 1
-    await _shoot(page, "commands")
+    await shoot(page, "commands")
 
     # Cancel from the command page.
     await page.goto(f"{web_server.url}/commands/{stored_command.command_id}")
@@ -270,7 +211,7 @@ async def test_pages_render_and_forms_work(
     # Replay a dead letter from the delivery-health page.
     await page.goto(f"{web_server.url}/delivery")
     assert await page.locator("svg.chart").count() == 3
-    await _shoot(page, "delivery-health")
+    await shoot(page, "delivery-health")
     dead_id = await pool.fetchval(
         "SELECT command_id FROM command_delivery WHERE state = 'dead'"
     )

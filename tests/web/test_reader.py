@@ -187,6 +187,24 @@ async def test_recorded_gap_is_reported_and_late_events_shrink_it(
     assert [gap.label for gap in page.gaps] == ["missing 41-49", "missing 51-57"]
 
 
+async def test_long_poll_at_a_recorded_gap_returns_at_once(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, stored_command: StoredCommand
+) -> None:
+    """A reader parked at a gap the relay recorded is told at once, not held."""
+    command_id = stored_command.command_id
+    await insert_event(pool, command_id, 1, data=b".")
+    await insert_event(pool, command_id, 5, data=b".")
+    await pool.execute(
+        "INSERT INTO gaps (command_id, first_missing, last_missing) VALUES ($1, 2, 4)",
+        command_id,
+    )
+    started = time.monotonic()
+    page = await _page(client, command_id, after=1, wait=8)
+    assert time.monotonic() - started < 4
+    assert page["waiting_for"] == 2
+    assert page["gaps"][0]["recorded"] is True
+
+
 async def test_unknown_command_is_404(client: httpx.AsyncClient) -> None:
     """Reading a command that does not exist answers 404."""
     response = await client.get(f"/api/commands/{uuid.uuid4()}/events")

@@ -142,13 +142,6 @@ UPDATE commands
 SET verification = $2::jsonb, verification_matched = $3
 WHERE id = $1;
 
--- name: all_output
--- Both streams' output data of a command, interleaved in sequence order.
-SELECT data
-FROM events
-WHERE command_id = $1 AND kind = 'output'
-ORDER BY sequence;
-
 -- name: replay_dead
 -- Set a dead command's delivery going again at once; true when it was dead.
 UPDATE command_delivery

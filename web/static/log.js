@@ -238,6 +238,11 @@
     } else if (event.kind === "status") {
       var pid = event.payload && event.payload.pid;
       systemLine("▶ started" + (pid ? " (pid " + pid + ")" : ""));
+      var current = document.querySelector("#status-badge .badge");
+      if (current && /badge-(queued|dispatched)/.test(current.className)) {
+        replaceWith(document.getElementById("status-badge"), badge("running", "running"));
+      }
+      if (event.emitted_at) { document.getElementById("fact-started").textContent = formatTime(event.emitted_at); }
     } else if (event.kind === "exit") {
       for (var stream in streams) {
         var rest = streams[stream].decoder.decode();
@@ -257,6 +262,13 @@
   }
 
   function setState(text) { stateLine.textContent = text; }
+
+  // The same form as the server renders: 2026-12-04 16:10:15 UTC.
+  function formatTime(iso) {
+    var date = new Date(iso);
+    if (isNaN(date.getTime())) { return "—"; }
+    return date.toISOString().slice(0, 19).replace("T", " ") + " UTC";
+  }
 
   function atBottom() { return pane.scrollHeight - pane.scrollTop - pane.clientHeight < 48; }
 
@@ -342,6 +354,9 @@
     if (!detail) { return; }
     replaceWith(document.getElementById("status-badge"), badge(detail.status, detail.status));
     document.getElementById("fact-exit").textContent = detail.exit_code === null ? "—" : String(detail.exit_code);
+    if (detail.started_at) { document.getElementById("fact-started").textContent = formatTime(detail.started_at); }
+    document.getElementById("fact-delivery").textContent = (detail.delivery_state || "—") +
+      (detail.delivered_through === null ? "" : " · through " + detail.delivered_through);
     if (detail.duration_seconds !== null) {
       document.getElementById("fact-duration").textContent = detail.duration_seconds.toFixed(1) + "s";
     }

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench.compare import brokers, ingest, legacy, limit, report
+from bench.compare import brokers, ingest, legacy, limit, report, runner_link
 from bench.compare.measure import Result, Workload
 from bench.compare.scratch import drop_leftovers
 from core.logging import configure_logging
@@ -92,6 +92,9 @@ def scenarios(events: int, quick: bool) -> dict[str, Scenario]:
             lambda: ingest.run_ingest(
                 full, MAIN_INGEST_CONNECTIONS, scenario=main_scenario
             )
+        ),
+        "links": _one(
+            lambda: runner_link.run_runner_links(full, MAIN_INGEST_CONNECTIONS)
         ),
         "delivery": runledger_delivery,
         "old": _one(old_design),

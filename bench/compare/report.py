@@ -53,12 +53,16 @@ def table(results: list[Result]) -> str:
         ratio = ratio_to_limit(result, results)
         lines.append(
             f"{result.scenario[:44]:<44} {result.events:>8} "
-            f"{result.events_per_second:>10,.0f} {result.p50_ms:>8.1f} "
-            f"{result.p99_ms:>8.1f} {result.cpu_percent:>6.0f} "
+            f"{result.events_per_second:>10,.0f} {_ms(result, result.p50_ms):>8} "
+            f"{_ms(result, result.p99_ms):>8} {result.cpu_percent:>6.0f} "
             f"{result.peak_rss_mib:>8.0f} "
             f"{(f'{ratio:.2f}' if ratio is not None else '-'):>7}  {result.durability}"
         )
     return "\n".join(lines)
+
+
+def _ms(result: Result, value: float) -> str:
+    return f"{value:.1f}" if result.latencies_ms else "-"
 
 
 def targets(results: list[Result], main_ingest: str) -> list[Target]:
@@ -201,7 +205,8 @@ def plot(path: Path, results: list[Result], title: str) -> None:
         bars.text(
             result.events_per_second * 1.05,
             position,
-            f"{result.events_per_second:,.0f}/s  p99 {result.p99_ms:,.0f} ms",
+            f"{result.events_per_second:,.0f}/s"
+            + (f"  p99 {result.p99_ms:,.0f} ms" if result.latencies_ms else ""),
             va="center",
             fontsize=7,
         )

@@ -188,7 +188,9 @@ async def prune_once(
         report.commands_pruned += 1
         _tell(progress, PruneProgress(command_id, "done", 0))
 
-    log.info(
+    # A pass that found nothing to do is not worth a line at INFO.
+    log_pass = log.info if report.commands_examined else log.debug
+    log_pass(
         "retention.pass_done",
         cutoff=report.cutoff.isoformat(),
         commands_pruned=report.commands_pruned,
@@ -214,7 +216,7 @@ async def run_retention_loop(pool: asyncpg.Pool, config: RetentionConfig) -> Non
     while True:
         try:
             await prune_once(pool, config)
-        except (asyncpg.PostgresError, OSError) as error:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
             log.warning("retention.pass_failed", error=str(error))
         await asyncio.sleep(config.retention_interval)
 

@@ -315,3 +315,22 @@ async def test_dead_tuples_and_size_stay_flat_over_prune_cycles(
     # after that, freed space is reused rather than the table growing.
     assert max(filled_sizes[2:]) <= filled_sizes[1] * 1.1, filled_sizes
     assert max(sizes[2:]) <= sizes[1] * 1.1, sizes
+
+
+async def test_a_failing_pass_does_not_end_the_retention_loop(
+    pool: asyncpg.Pool,
+) -> None:
+    """A pass that fails (here: a view it reads is gone) is logged; the loop
+    carries on to the next interval."""
+    await delivered_command(pool)
+    await pool.execute("DROP VIEW audit_system, audit_runners, audit_commands")
+    settings = replace(SETTINGS, retention_interval=0.05)
+
+    loop = asyncio.create_task(run_retention_loop(pool, settings))
+    await asyncio.sleep(0.5)
+    try:
+        assert not loop.done()
+    finally:
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop

@@ -49,6 +49,8 @@ from web.schemas import SubmitCommand
 
 FormData = URLEncodedBody[dict[str, str]]
 
+COMMANDS_PER_PAGE = 100
+
 SECURITY_HEADERS = [
     ResponseHeader(
         name="content-security-policy",
@@ -89,19 +91,29 @@ async def home() -> Redirect:
 
 
 @get("/commands", include_in_schema=False)
-async def commands_page(request: Request) -> Template:
-    """Recent commands, and a form to run a new one."""
+async def commands_page(
+    request: Request, before: FromQuery[datetime | None] = None
+) -> Template:
+    """Recent commands (older ones page by page), and a form to run a new one."""
     runtime = runtime_of(request)
     async with runtime.pool.acquire() as connection:
-        rows = await connection.fetch(queries.list_commands, None, 200)
+        rows = await connection.fetch(queries.list_commands, before, COMMANDS_PER_PAGE)
         runner_rows = await connection.fetch(queries.list_runners)
+    commands = [command_summary(row) for row in rows]
+    older = (
+        commands[-1].created_at.isoformat()
+        if len(commands) == COMMANDS_PER_PAGE
+        else None
+    )
     return Template(
         template_name="commands.html",
         context=_context(
             request,
             "commands",
-            commands=[command_summary(row) for row in rows],
+            commands=commands,
             runners=[runner_out(row) for row in runner_rows],
+            older=older,
+            paged=before is not None,
         ),
     )
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import create_command
 from tests.web.conftest import API_TOKEN, StoredCommand
-from web.pages import _safe_next, format_ago, format_duration
+from web.pages import COMMANDS_PER_PAGE, _safe_next, format_ago, format_duration
 
 
 def _csrf_token(html: str) -> str:
@@ -47,6 +47,35 @@ async def test_pages_render_with_security_headers(
         assert "script-src 'self'" in policy
         assert "unsafe-inline" not in policy
         assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_unknown_command_page_is_a_404_page(client: httpx.AsyncClient) -> None:
+    """An unknown command answers a readable 404 page, not JSON."""
+    response = await client.get(f"/commands/{uuid.uuid4()}")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("text/html")
+    assert "Back to the commands" in response.text
+
+
+async def test_commands_page_pages_to_older_commands(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, stored_command: StoredCommand
+) -> None:
+    """With more commands than a page holds, an Older link shows the rest."""
+    await pool.executemany(
+        "INSERT INTO commands (runner_id, argv, created_at)"
+        " VALUES ($1, $2::jsonb, now() - make_interval(secs => $3))",
+        [
+            (stored_command.runner_id, f'["job", "{n}"]', n + 1)
+            for n in range(COMMANDS_PER_PAGE + 5)
+        ],
+    )
+    first = await client.get("/commands")
+    match = re.search(r'href="(/commands\?before=[^"]+)"', first.text)
+    assert match, "no link to older commands"
+    second = await client.get(match.group(1).replace("&amp;", "&"))
+    assert second.status_code == 200
+    assert f"job {COMMANDS_PER_PAGE + 4}" in second.text
+    assert "make test" not in second.text
 
 
 async def test_argv_is_escaped_in_pages(

@@ -27,8 +27,6 @@ from core.tables import metadata
 from migrations.online import LOCK_TIMEOUT_VARIABLE
 from tests.conftest import PostgresServer
 
-pytestmark = pytest.mark.slow
-
 _database_numbers = itertools.count(1)
 
 
@@ -83,6 +81,7 @@ def test_there_is_a_revision_after_the_initial_schema() -> None:
     assert len(script.get_heads()) == 1
 
 
+@pytest.mark.slow
 def test_every_revision_upgrades_from_every_earlier_one_and_back(
     postgres_server: PostgresServer,
 ) -> None:
@@ -267,6 +266,7 @@ async def _write_events(
         await connection.close()
 
 
+@pytest.mark.slow
 async def test_upgrade_during_ingest_does_not_stall_writers(
     postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -335,6 +335,7 @@ async def test_upgrade_during_ingest_does_not_stall_writers(
         assert max(latencies) < lock_timeout_seconds + 1.0, max(latencies)
 
 
+@pytest.mark.slow
 async def test_an_upgrade_blocked_too_long_fails_cleanly_and_can_be_rerun(
     postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

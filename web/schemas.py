@@ -9,9 +9,29 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+
+def _doc(description: str) -> msgspec.Meta:
+    return msgspec.Meta(description=description)
+
+
+Base64Bytes = Annotated[
+    bytes,
+    msgspec.Meta(
+        description="the event's data, exactly as the child wrote it, in base64",
+        extra_json_schema={"contentEncoding": "base64"},
+    ),
+]
+ConvenienceText = Annotated[
+    str,
+    msgspec.Meta(
+        description="data decoded as UTF-8 with replacement characters; for "
+        "display only, use data for anything exact"
+    ),
+]
 
 
 class EventOut(msgspec.Struct):
@@ -21,8 +41,8 @@ class EventOut(msgspec.Struct):
     id: uuid.UUID
     kind: str
     stream: str | None
-    data: bytes
-    text: str
+    data: Base64Bytes
+    text: ConvenienceText
     payload: dict[str, Any] | None
     emitted_at: datetime | None
     stored_at: datetime
@@ -56,14 +76,18 @@ class EventsPage(msgspec.Struct):
     command_id: uuid.UUID
     after: int
     events: list[EventOut]
-    next_after: int
-    contiguous_through: int
-    highest_stored: int
-    more: bool
-    waiting_for: int | None
-    gaps: list[GapOut]
-    finished: bool
-    status: str
+    next_after: Annotated[int, _doc("pass as ?after= to read on")]
+    contiguous_through: Annotated[
+        int, _doc("every sequence from after + 1 through this is in events")
+    ]
+    highest_stored: Annotated[int, _doc("the highest sequence stored so far")]
+    more: Annotated[bool, _doc("the page was cut by limit; read on at once")]
+    waiting_for: Annotated[
+        int | None, _doc("the missing sequence the page stopped at, if any")
+    ]
+    gaps: Annotated[list[GapOut], _doc("known missing ranges below highest_stored")]
+    finished: Annotated[bool, _doc("the command's exit event is stored")]
+    status: Annotated[str, _doc("the command's summary status")]
 
 
 class StreamFigures(msgspec.Struct):

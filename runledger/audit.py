@@ -168,8 +168,11 @@ def render_table(
     return lines
 
 
-def render_text(result: AuditResult) -> str:
-    """The audit as readable text for a terminal."""
+GREEN, RED, RESET = "\033[32m", "\033[31m", "\033[0m"
+
+
+def render_text(result: AuditResult, *, colour: bool = False) -> str:
+    """The audit as readable text; ``colour`` paints the verdict for a terminal."""
     system = result.system
     now = system.get("checked_at")
     lines = ["System"]
@@ -257,9 +260,10 @@ def render_text(result: AuditResult) -> str:
 
     lines.append("")
     if result.healthy:
-        lines.append("OK: nothing lost, dead or stuck")
+        verdict, paint = "OK: nothing lost, dead or stuck", GREEN
     else:
-        lines.append("FAILED: " + "; ".join(result.problems()))
+        verdict, paint = "FAILED: " + "; ".join(result.problems()), RED
+    lines.append(f"{paint}{verdict}{RESET}" if colour else verdict)
     return "\n".join(lines) + "\n"
 
 
@@ -352,7 +356,10 @@ async def _audit(url: str, args: argparse.Namespace, out: TextIO, err: TextIO) -
     finally:
         await pool.close()
 
-    out.write(to_json(result) if args.json else render_text(result))
+    if args.json:
+        out.write(to_json(result))
+    else:
+        out.write(render_text(result, colour=out.isatty()))
     return EXIT_HEALTHY if result.healthy else EXIT_PROBLEMS
 
 

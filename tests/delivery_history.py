@@ -13,7 +13,15 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from tests.conftest import create_command, register_runner
+from tests.broker.relay_harness import new_command
+
+__all__ = [
+    "BASE_TIME",
+    "finish_command",
+    "new_command",
+    "record_delivery",
+    "store_events",
+]
 
 BASE_TIME = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
@@ -89,13 +97,3 @@ async def finish_command(
         finished_at,
         verification_matched,
     )
-
-
-async def new_command(pool: asyncpg.Pool, runner_name: str = "laptop") -> uuid.UUID:
-    """A command on the runner called ``runner_name``, registering it if new."""
-    runner_id = await pool.fetchval(
-        "SELECT id FROM runners WHERE name = $1", runner_name
-    )
-    if runner_id is None:
-        runner_id = (await register_runner(pool, runner_name)).id
-    return await create_command(pool, runner_id, ["make"])

@@ -17,6 +17,7 @@ import pytest
 
 from core.errors import DatabaseError
 from runledger import audit
+from tests.broker import relay_harness
 from tests.conftest import register_runner
 from tests.delivery_history import (
     BASE_TIME,
@@ -502,3 +503,61 @@ async def test_audit_on_a_schema_without_the_views_says_to_migrate(
 
     with pytest.raises(DatabaseError, match="runledger migrate"):
         await run_cli(["audit", "--quiet", "--database-url", database_url])
+
+
+# Against the real relay -------------------------------------------------------
+
+
+async def test_the_audit_follows_a_real_relay_through_a_skipped_gap(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """Rows the relay writes give the audit's figures: a skipped gap is lost and
+    its neighbours delivered; once the late events arrive, nothing is lost."""
+    command_id = await new_command(pool)
+    await relay_harness.store_events(pool, command_id, [1, 2, 3, 6, 7, 8], exit_at=8)
+
+    async with (
+        relay_harness.running_sink() as sink,
+        relay_harness.running_relay(database_url, sink, relay_gap_hold=0.5),
+    ):
+        await relay_harness.wait_until(lambda: len(sink.applied) == 6, within=30)
+        skipped = await command_audit(pool, command_id)
+        assert skipped["missing_ranges"] == "4-5"
+        assert skipped["gaps_skipped"] == 1
+        assert skipped["delivered_events"] == 6
+        assert skipped["pending_events"] == 0
+        assert skipped["lost"] is True
+
+        await relay_harness.store_events(pool, command_id, [4, 5])
+        await relay_harness.wait_for_state(pool, command_id, "finished")
+
+    filled = await command_audit(pool, command_id)
+    assert filled["events_stored"] == 8
+    assert filled["delivered_events"] == 8
+    assert filled["pending_events"] == 0
+    assert filled["missing_events"] == 0
+    assert filled["lost"] is False
+    assert filled["lag_max"] is not None
+
+
+async def test_the_audit_reports_a_command_the_relay_parked_dead(
+    database_url: str, pool: asyncpg.Pool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sink that refuses every delivery leaves the command dead, and
+    runledger audit fails naming it."""
+    command_id = await new_command(pool)
+    await relay_harness.store_events(pool, command_id, range(1, 3))
+    async with (
+        relay_harness.running_sink() as sink,
+        relay_harness.running_relay(database_url, sink, signing_secret="another"),
+    ):
+        await relay_harness.wait_for_state(pool, command_id, "dead")
+
+    code = await run_cli(["audit", "--quiet", "--database-url", database_url])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert str(command_id) in out
+    assert "signature does not match" in out
+    row = await command_audit(pool, command_id)
+    assert (row["dead"], row["dead_events"], row["pending_events"]) == (True, 2, 0)

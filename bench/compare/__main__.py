@@ -144,7 +144,15 @@ async def run(arguments: argparse.Namespace) -> int:
         RESULTS_DIR / f"compare-{stamp}{'-quick' if arguments.quick else ''}.json"
     )
     report.write_json(json_path, results, checks, context, notes)
-    print(f"figures written to {json_path.relative_to(ROOT)}")
+    markdown_path = json_path.with_suffix(".md")
+    markdown_path.write_text(
+        report.markdown_table(results)
+        + "\n\n"
+        + "\n".join(f"- {line}" for line in report.targets_table(checks).splitlines())
+        + "\n",
+        encoding="utf-8",
+    )
+    print(f"figures written to {json_path.relative_to(ROOT)} and .md")
     if not arguments.no_plot:
         plot_path = arguments.plot or PLOT_PATH
         report.plot(

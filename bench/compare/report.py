@@ -61,6 +61,25 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(results: list[Result]) -> str:
+    """The same table in Markdown, for the documentation."""
+    lines = [
+        "| scenario | durability | events | events/s | p50 ms | p99 ms "
+        "| CPU % | peak MiB | x limit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        ratio = ratio_to_limit(result, results)
+        lines.append(
+            f"| {result.scenario} | {result.durability} | {result.events:,} "
+            f"| {result.events_per_second:,.0f} | {_ms(result, result.p50_ms)} "
+            f"| {_ms(result, result.p99_ms)} | {result.cpu_percent:.0f} "
+            f"| {result.peak_rss_mib:.0f} "
+            f"| {f'{ratio:.2f}' if ratio is not None else '-'} |"
+        )
+    return "\n".join(lines)
+
+
 def _ms(result: Result, value: float) -> str:
     return f"{value:.1f}" if result.latencies_ms else "-"
 

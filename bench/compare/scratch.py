@@ -22,7 +22,7 @@ from core.migrate import upgrade
 SERVER_URL = os.environ.get(
     "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-PREFIX = "runledger_bench_"
+PREFIX = "runledger_compare_"
 _numbers = itertools.count(1)
 
 
@@ -62,8 +62,8 @@ async def drop_leftovers(server_url: str = SERVER_URL) -> list[str]:
         names = [
             record["datname"]
             for record in await connection.fetch(
-                "SELECT datname FROM pg_database WHERE datname LIKE $1",
-                PREFIX + "%",
+                "SELECT datname FROM pg_database WHERE starts_with(datname, $1)",
+                PREFIX,
             )
         ]
     finally:
@@ -71,8 +71,9 @@ async def drop_leftovers(server_url: str = SERVER_URL) -> list[str]:
 
     dropped = []
     for name in names:
+        # Only databases named by this module, whose process has ended.
         pid_text = name[len(PREFIX) :].split("_", 1)[0]
-        if pid_text.isdigit() and _alive(int(pid_text)):
+        if not pid_text.isdigit() or _alive(int(pid_text)):
             continue
         await _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         dropped.append(name)

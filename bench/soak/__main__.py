@@ -163,7 +163,7 @@ def print_table(
         ("  commands with output differing", verdict.output_mismatches),
         ("events stored twice", verdict.duplicate_events),
         ("logs without one final exit", verdict.without_single_exit),
-        ("verification mismatches", verdict.verification_failed),
+        ("verification not matched", verdict.verification_failed),
         ("commands not finished", verdict.not_finished),
         ("events not delivered", verdict.undelivered_events),
         ("commands parked dead", verdict.dead),

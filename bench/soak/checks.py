@@ -130,9 +130,12 @@ async def _check_command(
         verdict.dead += 1
         verdict.problems.append(f"{label}: delivery parked dead")
 
-    if status in ("succeeded", "failed") and row["verification_matched"] is False:
+    if status in ("succeeded", "failed") and row["verification_matched"] is not True:
         verdict.verification_failed += 1
-        verdict.problems.append(f"{label}: the web tier's verification did not match")
+        verdict.problems.append(
+            f"{label}: the web tier's verification is "
+            f"{row['verification_matched']} (expected true)"
+        )
 
     if not await _output_matches(connection, command, complete=status == "succeeded"):
         verdict.output_mismatches += 1

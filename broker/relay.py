@@ -27,7 +27,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,9 @@ class Claim:
     failing_seconds: float
     pending_first: int | None
     pending_last: int | None
-    late_pending: bool
+    has_skipped_gaps: bool
+    # The events after the cursor, read in the same round trip as the claim.
+    next_events: list[asyncpg.Record] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class Outcome:
     delivered: int
     status: int | None
     error: DeliveryError | None
+    # Seconds before the failed part is tried again (set for retried failures).
+    retry_in: float = 0.0
 
 
 class Wakeup:
@@ -148,6 +152,7 @@ class Relay:
         self._listener_lost = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._workers: list[asyncio.Task[None]] = []
+        self._recordings: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.busy_workers = 0
         self.queued_events = 0
@@ -203,6 +208,9 @@ class Relay:
                 task.cancel()
         await asyncio.gather(*self._tasks, *self._workers, return_exceptions=True)
         self._tasks, self._workers = [], []
+        # What the sink confirmed is written down before the pool closes.
+        if self._recordings:
+            await asyncio.wait(self._recordings, timeout=STOP_GRACE_SECONDS)
 
         if self._pool is not None:
             with contextlib.suppress(asyncpg.PostgresError, OSError):
@@ -309,6 +317,9 @@ class Relay:
     async def _work(self, number: int) -> None:
         owner = f"{self.relay_id}/{number}"
         failures = 0
+        # The outcome of the previous delivery is written while the next claim
+        # runs; the lease keeps everyone else off that command meanwhile.
+        recording: asyncio.Task[None] | None = None
         while not self._stopping:
             # Nobody claims work for a sink that asked everyone to wait.
             paused = self.sink_pause.remaining(time.monotonic())
@@ -318,13 +329,16 @@ class Relay:
 
             try:
                 claim = await self._claim(owner)
+                if recording is not None:
+                    await recording
+                    recording = None
                 if claim is None:
                     failures = 0
                     await self._wakeup.sleep()
                     continue
                 # There may be more work than this: let another worker look.
                 self._wakeup.wake_one()
-                await self._deliver_claim(owner, claim)
+                recording = await self._deliver_claim(owner, claim)
                 failures = 0
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
                 failures += 1
@@ -346,11 +360,17 @@ class Relay:
 
     async def _claim(self, owner: str) -> Claim | None:
         assert self._pool is not None
-        row = await self._pool.fetchrow(
-            queries.claim_command, owner, self.settings.relay_lease_duration
+        settings = self.settings
+        rows = await self._pool.fetch(
+            queries.claim_command,
+            owner,
+            settings.relay_lease_duration,
+            settings.relay_batch_max_events,
+            settings.relay_batch_max_bytes,
         )
-        if row is None:
+        if not rows:
             return None
+        row = rows[0]
         return Claim(
             command_id=row["command_id"],
             delivered_through=row["delivered_through"],
@@ -358,19 +378,23 @@ class Relay:
             failing_seconds=row["failing_seconds"] or 0.0,
             pending_first=row["pending_first_sequence"],
             pending_last=row["pending_last_sequence"],
-            late_pending=row["late_pending"],
+            has_skipped_gaps=row["has_skipped_gaps"],
+            next_events=[row for row in rows if row["sequence"] is not None],
         )
 
-    async def _deliver_claim(self, owner: str, claim: Claim) -> None:
+    async def _deliver_claim(
+        self, owner: str, claim: Claim
+    ) -> asyncio.Task[None] | None:
+        """Send the claimed command's next batch; return the task recording it."""
         assert self._pool is not None
+        settings = self.settings
         claimed_at = time.monotonic()
-        self.busy_workers += 1
-        metrics.active_workers.set(self.busy_workers)
-        metrics.processing.set(1)
+        self._set_busy(+1)
+        recording: asyncio.Task[None] | None = None
         try:
             batch = await self._next_batch(owner, claim)
             if batch is None:
-                return
+                return None
 
             # A pause that began after the claim still holds: no request before it.
             paused = self.sink_pause.remaining(time.monotonic())
@@ -378,14 +402,53 @@ class Relay:
                 await self._pool.execute(
                     queries.hold_command, claim.command_id, owner, paused
                 )
-                return
+                return None
 
             outcome = await self._send(batch, claimed_at)
-            await self._record(owner, claim, batch, outcome)
+            error = outcome.error
+            if error is not None and not error.permanent:
+                failures = 1 if outcome.delivered else claim.attempts + 1
+                outcome.retry_in = retry_delay(
+                    failures,
+                    settings.relay_backoff_base,
+                    settings.relay_backoff_cap,
+                    error.retry_after,
+                )
+                # Every worker bound for this sink holds off, starting now.
+                if error.status in THROTTLING_STATUSES:
+                    self.sink_pause.pause(time.monotonic(), outcome.retry_in)
+
+            recording = asyncio.create_task(
+                self._record_and_release(owner, claim, batch, outcome)
+            )
+            self._recordings.add(recording)
+            recording.add_done_callback(self._recordings.discard)
+            return recording
         finally:
-            self.busy_workers -= 1
-            metrics.active_workers.set(self.busy_workers)
-            metrics.processing.set(1 if self.busy_workers else 0)
+            if recording is None:
+                self._set_busy(-1)
+
+    def _set_busy(self, change: int) -> None:
+        self.busy_workers += change
+        metrics.active_workers.set(self.busy_workers)
+        metrics.processing.set(1 if self.busy_workers else 0)
+
+    async def _record_and_release(
+        self, owner: str, claim: Claim, batch: Batch, outcome: Outcome
+    ) -> None:
+        """Record an outcome; on failure the lease expires and the batch is resent."""
+        try:
+            await self._record(owner, claim, batch, outcome)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
+            log.warning(
+                "relay.record_failed",
+                command_id=str(claim.command_id),
+                error=f"{type(error).__name__}: {error}",
+            )
+        except Exception:
+            log.exception("relay.record_failed", command_id=str(claim.command_id))
+        finally:
+            self._set_busy(-1)
 
     async def _next_batch(self, owner: str, claim: Claim) -> Batch | None:
         """The events to send for ``claim``, or None (after releasing it) if none."""
@@ -406,7 +469,7 @@ class Relay:
                 return Batch(command_id, _to_events(command_id, rows, late), late)
 
         # Late events (inside gaps skipped earlier) go first: they are the oldest.
-        if claim.late_pending:
+        if claim.has_skipped_gaps:
             rows = await self._pool.fetch(
                 queries.read_late_events,
                 command_id,
@@ -417,13 +480,7 @@ class Relay:
             if rows:
                 return Batch(command_id, _to_events(command_id, rows, True), True)
 
-        rows = await self._pool.fetch(
-            queries.read_next_events,
-            command_id,
-            claim.delivered_through,
-            settings.relay_batch_max_events,
-            settings.relay_batch_max_bytes,
-        )
+        rows = claim.next_events
         if not rows:
             await self._pool.execute(queries.hold_command, command_id, owner, 0.0)
             return None
@@ -526,26 +583,21 @@ class Relay:
         """Write down what the sink confirmed, then the failure if there was one."""
         assert self._pool is not None
         settings = self.settings
-        command_id = claim.command_id
         delivered = batch.events[: outcome.delivered]
         failed = batch.events[outcome.delivered :]
 
-        async with self._pool.acquire() as connection, connection.transaction():
-            if delivered:
-                await self._record_delivered(
-                    connection, owner, claim, batch, delivered, outcome.status
+        finishes = batch.late or any(event.kind == "exit" for event in delivered)
+        # The usual outcome is one statement, committed on its own; several
+        # statements (a partial run, a finished command) commit together.
+        several = bool(delivered) and (bool(failed) or finishes)
+        async with self._pool.acquire() as connection:
+            transaction: contextlib.AbstractAsyncContextManager[Any] = (
+                connection.transaction() if several else contextlib.nullcontext()
+            )
+            async with transaction:
+                await self._record_outcome(
+                    connection, owner, claim, batch, outcome, finishes
                 )
-                # Progress was made: the failure below, if any, is a first one.
-                claim = Claim(
-                    command_id, delivered[-1].sequence, 0, 0.0, None, None, False
-                )
-            if failed and outcome.error is not None:
-                await self._record_failure(
-                    connection, owner, claim, batch, failed, outcome.error
-                )
-            elif failed:
-                # Stopped early to respect the lease: the rest is due again now.
-                await connection.execute(queries.hold_command, command_id, owner, 0.0)
 
         # Confirmed events count only once the record is committed.
         if delivered:
@@ -559,6 +611,42 @@ class Relay:
             requests = 1 if not settings.relay_single_event_mode else len(delivered)
             metrics.deliveries.labels("delivered").inc(requests)
 
+    async def _record_outcome(
+        self,
+        connection: asyncpg.Connection,
+        owner: str,
+        claim: Claim,
+        batch: Batch,
+        outcome: Outcome,
+        finishes: bool,
+    ) -> None:
+        command_id = claim.command_id
+        delivered = batch.events[: outcome.delivered]
+        failed = batch.events[outcome.delivered :]
+        if delivered:
+            held = await self._record_delivered(
+                connection, owner, claim, batch, delivered, outcome.status
+            )
+            if not held:
+                return
+            if finishes:
+                await connection.execute(queries.finish_if_complete, command_id)
+            # Progress was made: the failure below, if any, is a first one.
+            claim = replace(
+                claim,
+                delivered_through=delivered[-1].sequence,
+                attempts=0,
+                failing_seconds=0.0,
+            )
+
+        if failed and outcome.error is not None:
+            await self._record_failure(
+                connection, owner, claim, batch, failed, outcome.error, outcome.retry_in
+            )
+        elif failed:
+            # Stopped early to respect the lease: the rest is due again now.
+            await connection.execute(queries.hold_command, command_id, owner, 0.0)
+
     async def _record_delivered(
         self,
         connection: asyncpg.Connection,
@@ -567,40 +655,32 @@ class Relay:
         batch: Batch,
         delivered: list[DeliveredEvent],
         status: int | None,
-    ) -> None:
+    ) -> bool:
+        """Advance the cursor and log the requests; False if the lease was lost."""
         command_id = claim.command_id
-        last = delivered[-1].sequence
-        held = await connection.fetchval(
-            queries.record_delivered, command_id, owner, last, status
-        )
-        if held is None:
-            # Our lease ran out and another worker took the command over; the
-            # sink drops the duplicate by its delivery id, the new owner goes on.
-            log.warning("relay.lease_lost", command_id=str(command_id), owner=owner)
-            return
-
         if self.settings.relay_single_event_mode:
             ranges = [(event.sequence, event.sequence) for event in delivered]
         else:
-            ranges = [(delivered[0].sequence, last)]
-        await connection.execute(
-            queries.insert_deliveries,
+            ranges = [(delivered[0].sequence, delivered[-1].sequence)]
+        held = await connection.fetchval(
+            queries.record_delivered,
             command_id,
-            [delivery_id_for(command_id, first, end) for first, end in ranges],
+            owner,
+            delivered[-1].sequence,
+            status,
+            [delivery_id_for(command_id, first, last) for first, last in ranges],
             [first for first, _ in ranges],
-            [end for _, end in ranges],
-            [end - first + 1 for first, end in ranges],
+            [last for _, last in ranges],
+            [last - first + 1 for first, last in ranges],
             batch.late,
             claim.attempts + 1,
         )
-        if not batch.late:
-            await connection.execute(queries.forget_filled_gaps, command_id, last)
-
-        # Finished commands drop out of every scan.
-        if batch.late or any(event.kind == "exit" for event in delivered):
-            finished = await connection.fetchval(queries.finish_if_complete, command_id)
-            if finished is not None:
-                log.debug("relay.command_finished", command_id=str(command_id))
+        if not held:
+            # Our lease ran out and another worker took the command over; the
+            # sink drops the duplicate by its delivery id, the new owner goes on.
+            log.warning("relay.lease_lost", command_id=str(command_id), owner=owner)
+            return False
+        return True
 
     async def _record_failure(
         self,
@@ -610,6 +690,7 @@ class Relay:
         batch: Batch,
         failed: list[DeliveredEvent],
         error: DeliveryError,
+        delay: float,
     ) -> None:
         settings = self.settings
         command_id = claim.command_id
@@ -638,14 +719,6 @@ class Relay:
             )
             return
 
-        delay = retry_delay(
-            failures,
-            settings.relay_backoff_base,
-            settings.relay_backoff_cap,
-            error.retry_after,
-        )
-        if error.status in THROTTLING_STATUSES:
-            self.sink_pause.pause(time.monotonic(), delay)
         await connection.execute(
             queries.schedule_retry,
             command_id,

@@ -291,8 +291,9 @@ class Relay:
         listener = self._listener
         if listener is None or listener.is_closed():
             return False
+        # Generous: a busy server is not a lost connection.
         try:
-            async with asyncio.timeout(self.settings.relay_scan_interval):
+            async with asyncio.timeout(max(5.0, self.settings.relay_scan_interval)):
                 await listener.fetchval("SELECT 1")
         except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
             return False

@@ -304,3 +304,30 @@ async def test_an_expired_lease_is_taken_over(
         await asyncio.sleep(0.5)
         assert sink.applied == []
         await wait_until(lambda: len(sink.applied) == 3, within=30)
+
+
+async def test_a_stopped_relay_gives_its_commands_back(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """Stopping in the middle of a hanging delivery releases the lease at once,
+    so another relay delivers without waiting for it to expire."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, range(1, 4))
+
+    async with running_sink() as sink:
+        hanging = True
+
+        async def hang_while_first(_number: int, _delivery_id: str) -> Answer:
+            if hanging:
+                await asyncio.sleep(30)
+            return Answer()
+
+        sink.behaviour = hang_while_first
+        async with running_relay(database_url, sink, relay_lease_duration=300.0):
+            await wait_until(lambda: len(sink.requests) == 1, within=30)
+        state = await delivery_state(pool, command_id)
+        assert state["lease_owner"] is None
+
+        hanging = False
+        async with running_relay(database_url, sink):
+            await wait_until(lambda: len(sink.applied) == 3, within=10)

@@ -520,7 +520,12 @@ async def test_the_audit_follows_a_real_relay_through_a_skipped_gap(
         relay_harness.running_sink() as sink,
         relay_harness.running_relay(database_url, sink, relay_gap_hold=0.5),
     ):
-        await relay_harness.wait_until(lambda: len(sink.applied) == 6, within=30)
+        # The sink applies before the relay records the delivery; wait for
+        # the record, which is what the audit reads.
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await command_audit(pool, command_id))["delivered_events"] < 6:
+            assert asyncio.get_running_loop().time() < deadline, len(sink.applied)
+            await asyncio.sleep(0.05)
         skipped = await command_audit(pool, command_id)
         assert skipped["missing_ranges"] == "4-5"
         assert skipped["gaps_skipped"] == 1

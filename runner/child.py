@@ -23,7 +23,10 @@ from typing import Any
 
 from runner.chunker import Chunker
 
-EmitOutput = Callable[[str, bytes], Awaitable[None]]
+EmitOutput = Callable[[str, list[bytes]], Awaitable[None]]
+
+# Bytes asked of a pipe per read; the chunker cuts them to the event size.
+READ_BYTES = 64 * 1024
 
 _PR_SET_PDEATHSIG = 1
 
@@ -202,20 +205,21 @@ class Child:
             # swallow a cancel that coincides with the read finishing.)
             try:
                 async with asyncio.timeout_at(chunker.deadline):
-                    data = await reader.read(chunker.chunk_bytes)
+                    data = await reader.read(READ_BYTES)
             except TimeoutError:
                 held = chunker.flush()
                 if held:
-                    await self._emit(stream, held)
+                    await self._emit(stream, [held])
                 continue
             if not data:
                 break
 
             tally.add(data)
             chunker.chunk_bytes = self._chunk_bytes()
-            for chunk in chunker.add(data, loop.time()):
-                await self._emit(stream, chunk)
+            ready = chunker.add(data, loop.time())
+            if ready:
+                await self._emit(stream, ready)
 
         rest = chunker.flush()
         if rest:
-            await self._emit(stream, rest)
+            await self._emit(stream, [rest])

@@ -21,8 +21,9 @@ import contextlib
 import random
 import ssl
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
@@ -45,6 +46,9 @@ DEFAULT_LIMITS = wire.Limits(
 MAX_INCOMING_BYTES = 16 * 1024 * 1024
 # How often the resend check looks for events whose acknowledgement is late.
 RESEND_CHECK_SECONDS = 0.25
+# Pause before resending after a frame is refused (over a rate, say).
+ERROR_RESEND_INITIAL = 0.25
+ERROR_RESEND_MAX = 5.0
 # A session that lasted this long counts as a success for the reconnect backoff.
 STABLE_SESSION_SECONDS = 10.0
 
@@ -168,6 +172,7 @@ class BrokerLink:
         self._connection: ClientConnection | None = None
         self._ssl = ssl_context_for(settings)
         self._backoff = Backoff(settings.reconnect_initial, settings.reconnect_max)
+        self._error_backoff = Backoff(ERROR_RESEND_INITIAL, ERROR_RESEND_MAX)
 
     @property
     def unacknowledged(self) -> int:
@@ -257,11 +262,12 @@ class BrokerLink:
             )
             self.handler.broker_said_hello(hello)
 
-            # Three loops share the connection; the first to fail ends them all.
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._send_loop(connection))
-                tasks.create_task(self._receive_loop(connection))
-                tasks.create_task(self._resend_loop(connection))
+            # Three loops share the connection; the first to end ends them all.
+            await _until_one_ends(
+                self._send_loop(connection),
+                self._receive_loop(connection),
+                self._resend_loop(connection),
+            )
 
     async def _receive_hello(self, connection: ClientConnection) -> wire.Hello:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
@@ -311,16 +317,16 @@ class BrokerLink:
                 await woken.wait()
                 continue
 
-            sent = await self._send_batch(connection, batch, attempts=1)
-            sent_through = sent[-1].row
+            await self._send_batch(connection, batch)
+            sent_through = batch[-1].row
 
     def _frame_data_bytes(self) -> int:
         return (self.limits.max_frame_bytes * 3) // 4
 
     async def _send_batch(
-        self, connection: ClientConnection, events: list[SpooledEvent], attempts: int
-    ) -> list[SpooledEvent]:
-        """Send ``events`` in as many frames as the limits need; return them."""
+        self, connection: ClientConnection, events: list[SpooledEvent]
+    ) -> None:
+        """Send ``events`` in as many frames as the broker's limits need."""
         frame: list[bytes] = []
         frame_bytes = len(_FRAME_START) + len(_FRAME_END)
         frame_events: list[SpooledEvent] = []
@@ -329,37 +335,39 @@ class BrokerLink:
             too_big = frame_bytes + len(encoded) + 1 > self.limits.max_frame_bytes
             too_many = len(frame) >= self.limits.max_batch_events
             if frame and (too_big or too_many):
-                await self._send_frame(connection, frame, frame_events, attempts)
+                await self._send_frame(connection, frame, frame_events)
                 frame, frame_events = [], []
                 frame_bytes = len(_FRAME_START) + len(_FRAME_END)
             frame.append(encoded)
             frame_events.append(event)
             frame_bytes += len(encoded) + 1
         if frame:
-            await self._send_frame(connection, frame, frame_events, attempts)
-        return events
+            await self._send_frame(connection, frame, frame_events)
 
     async def _send_frame(
         self,
         connection: ClientConnection,
         frame: list[bytes],
         events: list[SpooledEvent],
-        attempts: int,
     ) -> None:
         # Recorded before sending: an acknowledgement can come back at once.
-        resend_at = time.monotonic() + resend_delay(
-            attempts,
-            self.settings.acknowledge_timeout,
-            self.settings.acknowledge_timeout_max,
-        )
+        # An event sent again counts one more attempt and waits longer.
+        now = time.monotonic()
         for event in events:
-            if event.row not in self.in_flight:
+            previous = self.in_flight.get(event.row)
+            attempts = 1 if previous is None else previous.attempts + 1
+            if previous is None:
                 self.in_flight_bytes += len(event.data)
+            resend_at = now + resend_delay(
+                attempts,
+                self.settings.acknowledge_timeout,
+                self.settings.acknowledge_timeout_max,
+            )
             self.in_flight[event.row] = InFlight(
                 event.row, len(event.data), attempts, resend_at
             )
         await connection.send(frame_of(frame), text=True)
-        log.debug("runner.batch_sent", events=len(events), attempts=attempts)
+        log.debug("runner.batch_sent", events=len(events))
 
     async def _resend_loop(self, connection: ClientConnection) -> None:
         while True:
@@ -370,23 +378,33 @@ class BrokerLink:
                 continue
 
             # Re-read from the spool: events acknowledged meanwhile are gone.
-            rows = [entry.row for entry in late]
-            still_spooled = {e.row: e for e in self.spool.read_rows(rows)}
+            still_spooled = self.spool.read_rows(entry.row for entry in late)
+            spooled_rows = {event.row for event in still_spooled}
             for entry in late:
-                if entry.row not in still_spooled:
+                if entry.row not in spooled_rows:
                     self._settle(entry.row)
-            attempts = max(entry.attempts for entry in late) + 1
+            if not still_spooled:
+                continue
             log.warning(
                 "runner.acknowledge_timeout",
                 events=len(still_spooled),
-                attempt=attempts,
-                oldest_row=min(still_spooled, default=None),
+                attempt=max(entry.attempts for entry in late) + 1,
+                command_id=str(still_spooled[0].command_id),
+                sequence=still_spooled[0].sequence,
             )
             self.resent_total += len(still_spooled)
-            for entry in late:
-                event = still_spooled.get(entry.row)
-                if event is not None:
-                    await self._send_batch(connection, [event], entry.attempts + 1)
+            await self._send_batch(connection, still_spooled)
+
+    def _resend_soon(self) -> None:
+        """Bring forward the resend of everything in flight.
+
+        A refused frame is not named in the error, so every unacknowledged
+        event becomes due shortly; those the broker did store are merely
+        acknowledged again.
+        """
+        due = time.monotonic() + self._error_backoff.next_delay()
+        for entry in self.in_flight.values():
+            entry.resend_at = min(entry.resend_at, due)
 
     # Receiving
 
@@ -405,11 +423,12 @@ class BrokerLink:
             elif isinstance(message, wire.CancelMessage):
                 self.handler.cancel_received(message)
             elif isinstance(message, wire.ErrorMessage):
-                # The whole frame was refused; its events are resent when their
-                # acknowledgement times out.
+                # A whole frame was refused (over a rate, storage failed, ...):
+                # its events are resent after a short, growing pause.
                 log.warning(
                     "runner.frame_refused", code=message.code, reason=message.reason
                 )
+                self._resend_soon()
             elif isinstance(message, wire.Hello):
                 self.limits = message.limits
                 self.handler.broker_said_hello(message)
@@ -441,6 +460,8 @@ class BrokerLink:
             if refused_row is not None:
                 self._settle(refused_row)
 
+        if message.acknowledged:
+            self._error_backoff.reset()
         self.wake.notify()
         self.handler.events_settled()
 
@@ -448,3 +469,19 @@ class BrokerLink:
         entry = self.in_flight.pop(row, None)
         if entry is not None:
             self.in_flight_bytes -= entry.size
+
+
+async def _until_one_ends(*loops: Coroutine[Any, Any, None]) -> None:
+    """Run ``loops`` until one ends; cancel the rest; raise why it ended."""
+    tasks = [asyncio.create_task(loop) for loop in loops]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        error = task.exception()
+        if error is not None:
+            raise error
+    raise SessionEnded("the broker closed the connection")

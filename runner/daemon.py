@@ -220,8 +220,8 @@ class Runner:
     async def _run_command(self, message: wire.CommandMessage) -> None:
         command_id = message.command_id
 
-        async def emit(stream: str, data: bytes) -> None:
-            await self._append_output(command_id, stream, data)
+        async def emit(stream: str, chunks: list[bytes]) -> None:
+            await self._append_output(command_id, stream, chunks)
 
         child = Child(
             message.argv,
@@ -269,12 +269,12 @@ class Runner:
         return await child.finish()
 
     async def _append_output(
-        self, command_id: uuid.UUID, stream: str, data: bytes
+        self, command_id: uuid.UUID, stream: str, chunks: list[bytes]
     ) -> None:
         # Backpressure: while the spool is over budget the reader waits here,
         # so the pipe fills and the child blocks on write.
         spool = self._require_spool()
-        size = Spool.size_of(data)
+        size = sum(Spool.size_of(chunk) for chunk in chunks)
         while not spool.has_room(size):
             if not self._waiting_for_room:
                 self._waiting_for_room = True
@@ -290,7 +290,9 @@ class Runner:
         if self._waiting_for_room:
             self._waiting_for_room = False
             log.info("runner.spool_room", spooled_bytes=spool.spooled_bytes)
-        self._append(command_id, "output", stream=stream, data=data)
+        spool.append_output(command_id, stream, chunks)
+        if self._link is not None:
+            self._link.wake.notify()
 
     def _append(
         self,

@@ -207,60 +207,85 @@ class Spool:
         transaction, so a restart never reports a finished command as lost.
         Raises SpoolError if the command is unknown or the disk fails.
         """
+        return self._append_events(command_id, [(kind, stream, data, payload)])[0]
+
+    def append_output(
+        self, command_id: uuid.UUID, stream: str, chunks: Sequence[bytes]
+    ) -> list[SpooledEvent]:
+        """Store consecutive output chunks of one stream in one transaction."""
+        return self._append_events(
+            command_id, [("output", stream, chunk, None) for chunk in chunks]
+        )
+
+    def _append_events(
+        self,
+        command_id: uuid.UUID,
+        items: Sequence[tuple[str, str | None, bytes, dict[str, Any] | None]],
+    ) -> list[SpooledEvent]:
         command_key = str(command_id)
-        event_id = uuid.uuid4()
-        payload_text = None if payload is None else json.dumps(payload)
-        size = len(data) + (len(payload_text or "")) + ROW_OVERHEAD_BYTES
         emitted_at = time.time()
+        appended: list[SpooledEvent] = []
+        stream_bytes = {"stdout": 0, "stderr": 0}
 
         try:
             with self._transaction() as cursor:
                 found = cursor.execute(queries.next_sequence, (command_key,)).fetchone()
                 if found is None:
                     raise SpoolError(f"command {command_id} was never accepted")
-                sequence = found[0]
-                cursor.execute(
-                    queries.insert_event,
-                    (
-                        command_key,
-                        sequence,
-                        str(event_id),
-                        kind,
-                        stream,
-                        data,
-                        payload_text,
-                        emitted_at,
-                        size,
-                    ),
-                )
-                row = cursor.lastrowid
+                sequence: int = found[0]
+                for kind, stream, data, payload in items:
+                    event_id = uuid.uuid4()
+                    payload_text = None if payload is None else json.dumps(payload)
+                    size = len(data) + len(payload_text or "") + ROW_OVERHEAD_BYTES
+                    cursor.execute(
+                        queries.insert_event,
+                        (
+                            command_key,
+                            sequence,
+                            str(event_id),
+                            kind,
+                            stream,
+                            data,
+                            payload_text,
+                            emitted_at,
+                            size,
+                        ),
+                    )
+                    row = cursor.lastrowid
+                    assert row is not None
+                    appended.append(
+                        SpooledEvent(
+                            row,
+                            command_id,
+                            sequence,
+                            event_id,
+                            kind,
+                            stream,
+                            data,
+                            payload,
+                            emitted_at,
+                            size,
+                        )
+                    )
+                    if stream in stream_bytes:
+                        stream_bytes[stream] += len(data)
+                    sequence += 1
                 cursor.execute(
                     queries.advance_command,
                     (
-                        len(data) if stream == "stdout" else 0,
-                        len(data) if stream == "stderr" else 0,
-                        kind == "exit",
+                        len(items),
+                        stream_bytes["stdout"],
+                        stream_bytes["stderr"],
+                        any(item[0] == "exit" for item in items),
                         command_key,
                     ),
                 )
         except sqlite3.Error as error:
             raise self._write_failed(error) from error
 
-        assert row is not None
-        self.spooled_bytes += size
-        self.spooled_count += 1
-        return SpooledEvent(
-            row,
-            command_id,
-            sequence,
-            event_id,
-            kind,
-            stream,
-            data,
-            payload,
-            emitted_at,
-            size,
-        )
+        self.spooled_bytes += sum(event.size for event in appended)
+        self.spooled_count += len(appended)
+        return appended
 
     def read_after(
         self, row: int, limit: int, *, max_bytes: int | None = None

@@ -69,9 +69,9 @@ INSERT INTO events
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: advance_command
--- Move a command's numbering past a new event and count its output bytes.
+-- Move a command's numbering past new events and count their output bytes.
 UPDATE commands
-SET next_sequence = next_sequence + 1,
+SET next_sequence = next_sequence + ?,
     stdout_bytes = stdout_bytes + ?,
     stderr_bytes = stderr_bytes + ?,
     finished = finished OR ?

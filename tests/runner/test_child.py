@@ -19,10 +19,11 @@ class Collected:
         self.delay = delay
         self.arrived = asyncio.Event()
 
-    async def __call__(self, stream: str, data: bytes) -> None:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        self.chunks[stream].append(data)
+    async def __call__(self, stream: str, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            self.chunks[stream].append(chunk)
         self.arrived.set()
 
     async def until(self, stream: str, wanted: bytes) -> None:

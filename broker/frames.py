@@ -12,7 +12,6 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -37,7 +36,8 @@ class PendingEvent:
     stream: str | None
     data: bytes
     payload_json: str | None
-    emitted_at: datetime | None
+    # Seconds since 1970; Postgres turns them into a timestamp.
+    emitted_at: float | None
     numbered_by_broker: bool = False
 
     def same_content(self, other: PendingEvent) -> bool:
@@ -203,13 +203,13 @@ def check_event(event: wire.WireEvent, limits: wire.Limits) -> PendingEvent:
             f"{limits.max_event_bytes} bytes (max_event_bytes)",
         )
 
-    emitted_at = None
-    if event.emitted_at is not None:
-        if not math.isfinite(event.emitted_at) or not 0 <= event.emitted_at < 2**34:
-            raise ProtocolError(
-                "invalid", "emitted_at must be seconds since 1970 (a finite number)"
-            )
-        emitted_at = datetime.fromtimestamp(event.emitted_at, UTC)
+    emitted_at = event.emitted_at
+    if emitted_at is not None and not (
+        math.isfinite(emitted_at) and 0 <= emitted_at < 2**34
+    ):
+        raise ProtocolError(
+            "invalid", "emitted_at must be seconds since 1970 (a finite number)"
+        )
 
     return PendingEvent(
         command_id=event.command_id,

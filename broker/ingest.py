@@ -129,7 +129,7 @@ class _Placed:
 class _Stored:
     """What the storing statement reports back."""
 
-    keys: set[tuple[uuid.UUID, int]] = field(default_factory=set)
+    positions: list[int] = field(default_factory=list)
     highest_before: dict[uuid.UUID, int] = field(default_factory=dict)
 
 
@@ -263,50 +263,27 @@ class IngestWriter:
         async with self._pool.acquire() as connection:
             if any(item.numbered_by_broker for item in placed):
                 await _number_legacy_events(connection, placed)
-            candidates = _choose_candidates(placed)
-            stored = await _store(connection, candidates)
+            stored = await _store(connection, placed)
 
             # Committed: the outcomes below may be told to the runners.
             committed = time.perf_counter()
-            for item in candidates:
-                if (item.event.command_id, item.event.sequence) in stored.keys:
-                    item.result = _acknowledged(item.event)
+            for position in stored.positions:
+                placed[position].result = _acknowledged(placed[position].event)
             await _classify_unstored(connection, placed)
             await _record_refusals(connection, batch, placed)
 
         metrics.COMMIT_SECONDS.observe(committed - started)
         metrics.COMMIT_BATCH_EVENTS.observe(len(placed))
-        metrics.EVENTS_STORED.inc(len(stored.keys))
+        metrics.EVENTS_STORED.inc(len(stored.positions))
         _report_sequences(placed, stored)
         _resolve(batch, placed)
         log.debug(
             "broker.batch_committed",
             frames=len(batch),
             events=len(placed),
-            stored=len(stored.keys),
+            stored=len(stored.positions),
             seconds=round(committed - started, 6),
         )
-
-
-def _choose_candidates(placed: list[_Placed]) -> list[_Placed]:
-    """The first event of the batch with each key and each id.
-
-    Later events with a key or id already chosen are compared with the
-    stored event after the insert: the same one is acknowledged, another
-    one is a conflict.
-    """
-    candidates: list[_Placed] = []
-    seen_keys: set[tuple[uuid.UUID, int | None]] = set()
-    seen_ids: set[tuple[uuid.UUID, uuid.UUID]] = set()
-    for item in placed:
-        key = (item.event.command_id, item.event.sequence)
-        identity = (item.event.command_id, item.event.id)
-        if key in seen_keys or identity in seen_ids:
-            continue
-        seen_keys.add(key)
-        seen_ids.add(identity)
-        candidates.append(item)
-    return candidates
 
 
 async def _number_legacy_events(
@@ -333,25 +310,27 @@ async def _number_legacy_events(
             item.event.sequence = highest[command_id]
 
 
-async def _store(connection: asyncpg.Connection, candidates: list[_Placed]) -> _Stored:
+async def _store(connection: asyncpg.Connection, placed: list[_Placed]) -> _Stored:
     """Insert, fence and notify in one statement, its own transaction."""
     stored = _Stored()
-    if not candidates:
+    if not placed:
         return stored
-    events = [item.event for item in candidates]
+    events = [item.event for item in placed]
     rows = await connection.fetch(
         queries.store_events,
+        list(range(len(placed))),
         *_event_columns(events),
         [event.emitted_at for event in events],
-        [item.submission.runner_id for item in candidates],
-        [item.submission.connection_epoch for item in candidates],
+        [item.submission.runner_id for item in placed],
+        [item.submission.connection_epoch for item in placed],
         EVENTS_CHANNEL,
     )
     for row in rows:
         if row["row_kind"] == "stored":
-            stored.keys.add((row["command_id"], row["sequence"]))
+            stored.positions.append(row["position"])
         elif row["row_kind"] == "highest_before":
             stored.highest_before[row["command_id"]] = row["sequence"] or 0
+    stored.positions.sort()
     return stored
 
 
@@ -385,7 +364,11 @@ async def _classify_unstored(
         return
     columns = _event_columns([item.event for _, item in unstored])
     rows = await connection.fetch(
-        queries.classify_unstored, [position for position, _ in unstored], *columns
+        queries.classify_unstored,
+        [position for position, _ in unstored],
+        *columns,
+        [item.submission.runner_id for _, item in unstored],
+        [item.submission.connection_epoch for _, item in unstored],
     )
 
     for row in rows:
@@ -421,6 +404,10 @@ async def _classify_unstored(
                 event_id=str(event.id),
                 reason=item.result.reason,
             )
+        elif row["current"]:
+            # Held back by another event of the batch that claimed its key or
+            # id first; unanswered, it is resent and stored on its own.
+            continue
         else:
             item.result = _refused(
                 event,
@@ -459,12 +446,10 @@ async def _record_refusals(
 def _report_sequences(placed: list[_Placed], stored: _Stored) -> None:
     """Count and log gaps and late arrivals among the newly stored events."""
     arrivals: dict[uuid.UUID, list[int]] = defaultdict(list)
-    counted: set[tuple[uuid.UUID, int]] = set()
-    for item in placed:
-        key = (item.event.command_id, item.event.sequence or 0)
-        if key in stored.keys and key not in counted:
-            counted.add(key)
-            arrivals[key[0]].append(key[1])
+    for position in stored.positions:
+        event = placed[position].event
+        if event.sequence is not None:
+            arrivals[event.command_id].append(event.sequence)
 
     for command_id, sequences in arrivals.items():
         anomalies = sequence_anomalies(

@@ -24,11 +24,25 @@ WHERE id = $1 AND connection_epoch = $2;
 -- Store a batch in one statement: only for current connections and own commands.
 WITH batch AS (
     SELECT *
-    FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
-                $6::bytea[], $7::text[], $8::timestamptz[], $9::uuid[],
-                $10::bigint[])
-        AS batch(command_id, sequence, id, kind, stream, data, payload,
+    FROM unnest($1::int[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[],
+                $6::text[], $7::bytea[], $8::text[], $9::float8[], $10::uuid[],
+                $11::bigint[])
+        AS batch(position, command_id, sequence, id, kind, stream, data, payload,
                  emitted_at, runner_id, connection_epoch)
+),
+-- The first event of the batch with a key (or id) is the one inserted; later
+-- ones are compared with the stored event afterwards.
+candidates AS (
+    SELECT *
+    FROM (
+        SELECT batch.*,
+               row_number() OVER (PARTITION BY command_id, sequence
+                                  ORDER BY position) AS nth_of_key,
+               row_number() OVER (PARTITION BY command_id, id
+                                  ORDER BY position) AS nth_of_id
+        FROM batch
+    ) AS numbered
+    WHERE nth_of_key = 1 AND nth_of_id = 1
 ),
 -- Locked until commit: a newer connection's epoch cannot pass these writes.
 current_connections AS (
@@ -48,28 +62,29 @@ highest_before AS (
 inserted AS (
     INSERT INTO events (command_id, sequence, id, kind, stream, data, payload,
                         emitted_at)
-    SELECT batch.command_id, batch.sequence, batch.id, batch.kind, batch.stream,
-           batch.data, batch.payload::jsonb, batch.emitted_at
-    FROM batch
+    SELECT c.command_id, c.sequence, c.id, c.kind, c.stream, c.data,
+           c.payload::jsonb, to_timestamp(c.emitted_at)
+    FROM candidates AS c
     WHERE EXISTS (
             SELECT 1 FROM current_connections AS r
-            WHERE r.id = batch.runner_id
-              AND r.connection_epoch = batch.connection_epoch)
+            WHERE r.id = c.runner_id AND r.connection_epoch = c.connection_epoch)
       AND EXISTS (
-            SELECT 1 FROM commands AS c
-            WHERE c.id = batch.command_id AND c.runner_id = batch.runner_id)
+            SELECT 1 FROM commands
+            WHERE commands.id = c.command_id AND commands.runner_id = c.runner_id)
     ON CONFLICT DO NOTHING
     RETURNING command_id, sequence
 ),
 notified AS (
-    SELECT pg_notify($11, grown.command_id::text)
+    SELECT pg_notify($12, grown.command_id::text)
     FROM (SELECT DISTINCT command_id FROM inserted) AS grown
 )
-SELECT 'stored' AS row_kind, command_id, sequence FROM inserted
+SELECT 'stored' AS row_kind, c.position, NULL::uuid AS command_id,
+       NULL::bigint AS sequence
+FROM inserted JOIN candidates AS c USING (command_id, sequence)
 UNION ALL
-SELECT 'highest_before', command_id, sequence FROM highest_before
+SELECT 'highest_before', NULL, command_id, sequence FROM highest_before
 UNION ALL
-SELECT 'notified', NULL, NULL FROM notified;
+SELECT 'notified', NULL, NULL, NULL FROM notified;
 
 -- name: highest_sequences
 -- The highest stored sequence of each command, to number legacy events after it.
@@ -82,6 +97,8 @@ GROUP BY command_id;
 -- Why events were not stored: the same event stored, a conflict, or no right.
 SELECT batch.position,
        owner.runner_id AS command_runner_id,
+       runner.revoked_at IS NULL
+           AND runner.connection_epoch = batch.connection_epoch AS current,
        at_key.id AS id_at_key,
        at_key.id IS NOT NULL
            AND at_key.id = batch.id
@@ -98,8 +115,10 @@ SELECT batch.position,
            AND by_id.payload IS NOT DISTINCT FROM batch.payload::jsonb
            AS same_by_id
 FROM unnest($1::int[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[],
-            $6::text[], $7::bytea[], $8::text[])
-    AS batch(position, command_id, sequence, id, kind, stream, data, payload)
+            $6::text[], $7::bytea[], $8::text[], $9::uuid[], $10::bigint[])
+    AS batch(position, command_id, sequence, id, kind, stream, data, payload,
+             runner_id, connection_epoch)
+LEFT JOIN runners AS runner ON runner.id = batch.runner_id
 LEFT JOIN commands AS owner ON owner.id = batch.command_id
 LEFT JOIN events AS at_key
     ON at_key.command_id = batch.command_id AND at_key.sequence = batch.sequence

@@ -64,7 +64,7 @@ async def dispatch_pending(
     never have received them. Raises asyncpg errors to the caller.
     """
     async with pool.acquire() as connection:
-        resent = []
+        resent: list[asyncpg.Record] = []
         if catch_up:
             resent = await connection.fetch(
                 queries.dispatched_commands_without_events, target.runner_id
@@ -74,6 +74,7 @@ async def dispatch_pending(
         )
         to_cancel = await connection.fetch(queries.commands_to_cancel, target.runner_id)
 
+    resent_ids = {row["id"] for row in resent}
     for row in [*resent, *sorted(claimed, key=lambda row: row["created_at"])]:
         await target.send_message(_command_message(row))
         metrics.COMMANDS_DISPATCHED.inc()
@@ -81,7 +82,7 @@ async def dispatch_pending(
             "broker.command_dispatched",
             runner_id=str(target.runner_id),
             command_id=str(row["id"]),
-            resent=row in resent,
+            resent=row["id"] in resent_ids,
         )
 
     for row in to_cancel:

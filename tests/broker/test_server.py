@@ -109,6 +109,29 @@ async def test_queued_commands_are_dispatched_on_connect(
     await runner.close()
 
 
+async def test_a_command_without_events_is_sent_again_on_reconnect(
+    broker: BrokerServer, alpha: RunnerWithCommand
+) -> None:
+    """A command sent on a connection that died before any event is resent."""
+    first = await WireRunner.connect(broker.url, alpha.token)
+    await first.receive_until(lambda r: len(r.commands) == 1)
+    first.connection.transport.abort()
+
+    second = await WireRunner.connect(broker.url, alpha.token)
+    await second.receive_until(lambda r: len(r.commands) == 1)
+    assert second.commands[0].command_id == alpha.command_id
+
+    events = [output_event(alpha.command_id, 1, b"started")]
+    await second.send_events(events)
+    await second.wait_settled(events)
+    await second.close()
+    third = await WireRunner.connect(broker.url, alpha.token)
+    await third.send_events(events)
+    await third.wait_settled(events)
+    assert third.commands == []
+    await third.close()
+
+
 async def test_new_commands_and_cancels_reach_a_connected_runner(
     broker: BrokerServer, pool: asyncpg.Pool
 ) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -60,21 +61,33 @@ class EventNotifier:
                 await asyncio.wait_for(self._connection.close(), timeout=2)
             self._connection = None
 
-    async def wait(self, command_id: str, seconds: float) -> None:
-        """Return when events of ``command_id`` may have been stored, or on timeout."""
-        if self._closed or seconds <= 0:
-            return
+    @contextlib.contextmanager
+    def subscribe(self, command_id: str) -> Iterator[asyncio.Event]:
+        """An event set whenever ``command_id`` may have new events.
+
+        Subscribe before reading the database, and clear the event before
+        each re-read: a notification that lands between a read and the wait
+        is then never lost.
+        """
         event = asyncio.Event()
+        if self._closed:
+            event.set()
         self._waiters.setdefault(command_id, set()).add(event)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), seconds)
+            yield event
         finally:
             waiters = self._waiters.get(command_id)
             if waiters is not None:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiters[command_id]
+
+    async def wait(self, command_id: str, seconds: float) -> None:
+        """Return when events of ``command_id`` may have been stored, or on timeout."""
+        if self._closed or seconds <= 0:
+            return
+        with self.subscribe(command_id) as event, contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), seconds)
 
     def wake(self, command_id: str) -> None:
         """Wake the waiters of one command."""

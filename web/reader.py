@@ -8,6 +8,8 @@ exactly once and in order, whatever the writers do concurrently.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -120,19 +122,22 @@ async def read_page_waiting(
     sequence, a gap, the end), or when the wait is over.
     """
     deadline = time.monotonic() + wait_seconds
-    async with pool.acquire() as connection:
-        page = await read_page(connection, command_id, after, limit)
-    baseline = _news_marker(page)
-
-    while not page.events and not _reader_can_move(page) and not notifier.closed:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        await notifier.wait(str(command_id), min(remaining, RECHECK_SECONDS))
+    with notifier.subscribe(str(command_id)) as woken:
         async with pool.acquire() as connection:
             page = await read_page(connection, command_id, after, limit)
-        if _news_marker(page) != baseline:
-            break
+        baseline = _news_marker(page)
+
+        while not page.events and not _reader_can_move(page) and not notifier.closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), min(remaining, RECHECK_SECONDS))
+            woken.clear()
+            async with pool.acquire() as connection:
+                page = await read_page(connection, command_id, after, limit)
+            if _news_marker(page) != baseline:
+                break
     return page
 
 

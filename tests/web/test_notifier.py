@@ -61,3 +61,15 @@ async def test_lost_listener_is_restored(database_url: str) -> None:
     finally:
         await admin.close()
         await notifier.close()
+
+
+def test_a_wake_before_the_wait_is_kept() -> None:
+    """A notification between a subscriber's read and its wait is not lost."""
+    notifier = EventNotifier("postgresql://unused@127.0.0.1/unused")
+    with notifier.subscribe("command-d") as woken:
+        notifier.wake("command-d")  # lands before the subscriber waits
+        assert woken.is_set()
+        woken.clear()
+        notifier.wake("command-e")
+        assert not woken.is_set()
+    assert notifier._waiters == {}

@@ -162,8 +162,9 @@ class Relay:
     async def start(self) -> None:
         """Connect, listen, start the workers; return once deliveries may flow."""
         settings = self.settings
+        # Each worker claims on one connection while recording on another.
         self._pool = await create_pool(
-            self.database_url, min_size=1, max_size=settings.relay_workers + 2
+            self.database_url, min_size=1, max_size=2 * settings.relay_workers + 1
         )
         assert settings.signing_secret is not None
         self._sink = SinkClient(

@@ -75,7 +75,10 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             )
             continue
         kind: Any = {"int": int, "float": float}.get(str(field.type), str)
-        parser.add_argument(flag, dest=field.name, type=kind, help=help_text)
+        metavar = field.name.removeprefix("relay_").upper()
+        parser.add_argument(
+            flag, dest=field.name, type=kind, metavar=metavar, help=help_text
+        )
 
 
 def _database_url() -> str:

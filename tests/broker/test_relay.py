@@ -128,7 +128,8 @@ async def test_a_notification_wakes_the_relay_at_once(
         stored_at = time.monotonic()
         await store_events(pool, command_id, [1])
         await wait_until(lambda: len(sink.applied) == 1, within=10, interval=0.005)
-        assert time.monotonic() - stored_at < 2.0
+        # Far below the minute a scan would take, with room for a busy machine.
+        assert time.monotonic() - stored_at < 10.0
 
 
 async def test_events_without_a_notification_are_found_by_the_scan(
@@ -169,8 +170,8 @@ async def test_a_killed_listener_still_gets_events_delivered(
         await store_events(pool, command_id, range(1, 6))
         stored_at = time.monotonic()
         await wait_until(lambda: len(sink.applied) == 5, within=10, interval=0.01)
-        # One fallback interval, plus room for a busy machine.
-        assert time.monotonic() - stored_at < 1.0 + 2.0
+        # One fallback interval (1 s), plus room for a busy machine.
+        assert time.monotonic() - stored_at < 1.0 + 4.0
 
         await wait_until(
             lambda: (
@@ -234,16 +235,14 @@ async def test_a_gap_is_held_then_skipped_and_late_events_follow(
         running_sink() as sink,
         running_relay(database_url, sink, relay_gap_hold=1.5),
     ):
-        await wait_until(lambda: len(sink.applied) == 3, within=30)
-        held_at = time.monotonic()
         await wait_until(lambda: len(sink.applied) == 6, within=30)
-        assert time.monotonic() - held_at >= 1.0
 
         gap = await pool.fetchrow(
             "SELECT * FROM gaps WHERE command_id = $1", command_id
         )
         assert (gap["first_missing"], gap["last_missing"]) == (4, 5)
-        assert gap["skipped_at"] is not None
+        held = gap["skipped_at"] - gap["detected_at"]
+        assert held.total_seconds() >= 1.5
         state = await delivery_state(pool, command_id)
         assert state["delivered_through"] == 8
         assert state["state"] == "active", "an unfilled gap keeps the command open"

@@ -179,6 +179,38 @@ async def test_gap_is_shown_as_missing_range(
     await shoot(browser_page, "command-gap")
 
 
+async def test_large_log_renders_with_long_lines_cut(
+    browser_page: Any,
+    web_server: WebServer,
+    pool: asyncpg.Pool,
+    stored_command: StoredCommand,
+) -> None:
+    """20,000 lines and a 3 MB line without newline render; the long line is cut."""
+    command_id = stored_command.command_id
+    sequence = 0
+    for chunk in range(40):
+        sequence += 1
+        data = b"".join(
+            f"\x1b[32mline {chunk * 500 + number}\x1b[0m compiled\n".encode()
+            for number in range(500)
+        )
+        await insert_event(pool, command_id, sequence, data=data, notify=False)
+    await insert_event(pool, command_id, sequence + 1, data=b"y" * 3_000_000)
+    await insert_event(pool, command_id, sequence + 2, data=b"\nthe end\n")
+
+    await browser_page.goto(f"{web_server.url}/commands/{command_id}")
+    await browser_page.wait_for_function(
+        "document.getElementById('log').textContent.includes('the end')",
+        timeout=120_000,
+    )
+    assert await browser_page.locator("#log .line.stdout").count() == 20_002
+    cut = browser_page.locator("#log .cut")
+    assert "2,980,000 more characters" in await cut.text_content()
+    text = await browser_page.locator("#log").text_content()
+    assert len(text) < 1_000_000
+    await shoot(browser_page, "command-large-log")
+
+
 async def test_pages_render_and_forms_work(
     browser_page: Any,
     web_server: WebServer,

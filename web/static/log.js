@@ -15,6 +15,8 @@
   var stateLine = document.getElementById("log-state");
   var followBox = document.getElementById("follow");
   var MAX_LINES = 50000;
+  // Lines longer than this are cut in the view (the raw log has them whole).
+  var LINE_CHARACTERS_SHOWN = 20000;
   var PAGE_LIMIT = 500;
   var WAIT_SECONDS = 20;
 
@@ -29,6 +31,8 @@
         decoder: new TextDecoder("utf-8", { fatal: false }),
         pending: "",
         line: null,
+        lineLength: 0,
+        hidden: null,
         carriage: false,
         sgr: freshSgr()
       };
@@ -136,12 +140,18 @@
       pane.insertBefore(trimmedNotice, pane.firstChild);
     }
     var oldest = trimmedNotice.nextSibling;
-    for (var name in streams) { if (streams[name].line === oldest) { streams[name].line = null; } }
+    for (var name in streams) { if (streams[name].line === oldest) { closeLine(streams[name]); } }
     if (oldest) { pane.removeChild(oldest); lineCount -= 1; }
   }
 
+  function closeLine(state) {
+    state.line = null;
+    state.lineLength = 0;
+    state.hidden = null;
+  }
+
   function systemLine(text, extraClass) {
-    for (var name in streams) { streams[name].line = null; }
+    for (var name in streams) { closeLine(streams[name]); }
     var line = newLine("system" + (extraClass ? " " + extraClass : ""));
     line.textContent = text;
   }
@@ -153,8 +163,21 @@
       // A carriage return followed by text: the text overwrites the line.
       while (state.line.firstChild) { state.line.removeChild(state.line.firstChild); }
       state.carriage = false;
+      state.lineLength = 0;
+      state.hidden = null;
     }
-    state.line.appendChild(styledSpan(state.sgr, text));
+    var room = LINE_CHARACTERS_SHOWN - state.lineLength;
+    if (room > 0) { state.line.appendChild(styledSpan(state.sgr, text.slice(0, room))); }
+    state.lineLength += text.length;
+    if (state.lineLength > LINE_CHARACTERS_SHOWN) {
+      if (!state.hidden) {
+        state.hidden = document.createElement("span");
+        state.hidden.className = "cut";
+        state.line.appendChild(state.hidden);
+      }
+      state.hidden.textContent = " … " + (state.lineLength - LINE_CHARACTERS_SHOWN).toLocaleString("en") +
+        " more characters on this line (see the raw log)";
+    }
   }
 
   function appendControl(name, state, code) {
@@ -202,7 +225,7 @@
       } else if (ch === 10) {
         appendText(name, state, run); run = "";
         if (!state.line) { state.line = newLine(name); }
-        state.line = null;
+        closeLine(state);
         state.carriage = false;
         i += 1;
       } else if (ch === 13) {

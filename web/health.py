@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 import msgspec
 from litestar import Request, get
+from litestar.exceptions import ServiceUnavailableException
 from litestar.response import Response
 
 from web.runtime import runtime_of
@@ -25,9 +26,12 @@ async def healthz(request: Request) -> Response[Health]:
     database = False
     try:
         database = await runtime.pool.fetchval("SELECT true") is True
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        database = False
-    except Exception:  # the pool is closed or not open yet
+    except (
+        OSError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        ServiceUnavailableException,  # the pool is not open (yet or any more)
+    ):
         database = False
     health = Health(
         status="ok" if database else "unavailable",

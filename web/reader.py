@@ -30,6 +30,9 @@ queries = Queries(Path(__file__).parent / "sql" / "web.sql")
 # lost notification or a gap recorded by the relay is seen without one.
 RECHECK_SECONDS = 1.0
 
+# Recorded gaps listed in one page at most (the nearest after the cursor).
+GAPS_LISTED = 100
+
 
 class UnknownCommandError(LookupError):
     """The command id names no command."""
@@ -62,7 +65,7 @@ async def read_page(
         )
         hole = (through + 1, next_stored - 1)
 
-    gaps = await known_gaps(connection, command_id, hole)
+    gaps = await known_gaps(connection, command_id, after, hole)
     return EventsPage(
         command_id=command_id,
         after=after,
@@ -79,20 +82,28 @@ async def read_page(
 
 
 async def known_gaps(
-    connection: asyncpg.Connection, command_id: uuid.UUID, hole: Range | None
+    connection: asyncpg.Connection,
+    command_id: uuid.UUID,
+    after: int,
+    hole: Range | None,
 ) -> list[GapOut]:
-    """Recorded gaps still missing, plus the hole a reader waits at."""
+    """Recorded gaps still missing after ``after``, plus the hole a reader waits at.
+
+    At most ``GAPS_LISTED`` recorded gaps are listed, nearest first.
+    """
+    rows = await connection.fetch(queries.recorded_gaps, command_id, after, GAPS_LISTED)
+    # Late events may have filled parts of recorded gaps since.
+    present = [
+        row["sequence"]
+        for row in await connection.fetch(
+            queries.stored_in_recorded_gaps, command_id, after
+        )
+    ]
     recorded: list[Range] = []
-    for row in await connection.fetch(queries.recorded_gaps, command_id):
-        gap = (row["first_missing"], row["last_missing"])
-        # Late events may have filled part of a recorded gap since.
-        present = [
-            stored["sequence"]
-            for stored in await connection.fetch(
-                queries.stored_between, command_id, gap[0], gap[1]
-            )
-        ]
-        recorded.extend(subtract_present(gap, present))
+    for row in rows:
+        recorded.extend(
+            subtract_present((row["first_missing"], row["last_missing"]), present)
+        )
     recorded = merge_ranges(recorded)
 
     gaps = [

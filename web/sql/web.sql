@@ -19,18 +19,22 @@ LIMIT 1;
 SELECT min(sequence) FROM events WHERE command_id = $1 AND sequence > $2;
 
 -- name: recorded_gaps
--- Gaps the relay recorded and skipped for a command.
+-- Gaps the relay recorded and skipped that end after a reader's cursor ($2).
 SELECT first_missing, last_missing
 FROM gaps
-WHERE command_id = $1
-ORDER BY first_missing;
+WHERE command_id = $1 AND last_missing > $2
+ORDER BY first_missing
+LIMIT $3;
 
--- name: stored_between
--- Sequences stored inside a range (late events that filled a recorded gap).
-SELECT sequence
-FROM events
-WHERE command_id = $1 AND sequence BETWEEN $2 AND $3
-ORDER BY sequence;
+-- name: stored_in_recorded_gaps
+-- Late events stored inside recorded gaps that end after a reader's cursor.
+SELECT e.sequence
+FROM gaps g
+JOIN events e
+  ON e.command_id = g.command_id
+ AND e.sequence BETWEEN g.first_missing AND g.last_missing
+WHERE g.command_id = $1 AND g.last_missing > $2
+ORDER BY e.sequence;
 
 -- name: command_state
 -- The summary status of a command, to tell a reader whether it has ended.

@@ -80,7 +80,7 @@ class Signal:
 class LinkHandler(Protocol):
     """What the link asks of the daemon."""
 
-    def broker_said_hello(self, hello: wire.Hello) -> None: ...
+    def link_connected(self, limits: wire.Limits) -> None: ...
 
     def command_received(self, message: wire.CommandMessage) -> None: ...
 
@@ -99,17 +99,36 @@ class InFlight:
     resend_at: float
 
 
+class _OutgoingEvent(msgspec.Struct, omit_defaults=True):
+    """A :class:`core.wire.WireEvent` as JSON, from the spool's stored text.
+
+    Same field names as WireEvent; ids go out as the text the spool keeps
+    and the payload as its stored JSON, so nothing is parsed to be sent.
+    """
+
+    command_id: str
+    kind: str
+    id: str
+    sequence: int
+    stream: str | None = None
+    data: bytes = b""
+    payload: msgspec.Raw | None = None
+    emitted_at: float | None = None
+
+
 def encode_event(event: SpooledEvent) -> bytes:
     """The JSON of one event as it travels."""
     return _encoder.encode(
-        wire.WireEvent(
-            command_id=event.command_id,
+        _OutgoingEvent(
+            command_id=event.command_key,
             kind=event.kind,
-            id=event.id,
+            id=event.id_key,
             sequence=event.sequence,
             stream=event.stream,
             data=event.data,
-            payload=event.payload,
+            payload=None
+            if event.payload_json is None
+            else msgspec.Raw(event.payload_json.encode()),
             emitted_at=event.emitted_at,
         )
     )
@@ -250,17 +269,26 @@ class BrokerLink:
         ) as connection:
             self._connection = connection
             hello = await self._receive_hello(connection)
-            self.limits = hello.limits
             self.connected = True
             self._backoff.reset()
-            log.info(
-                "runner.connected",
-                broker_url=self.settings.broker_url,
-                runner_name=hello.runner_name,
-                connection_epoch=hello.connection_epoch,
-                spooled=self.spool.spooled_count,
-            )
-            self.handler.broker_said_hello(hello)
+            if hello is None:
+                self.limits = DEFAULT_LIMITS
+                log.warning(
+                    "runner.connected_without_hello",
+                    broker_url=self.settings.broker_url,
+                    spooled=self.spool.spooled_count,
+                    hint="an older broker; sending with the default limits",
+                )
+            else:
+                self.limits = hello.limits
+                log.info(
+                    "runner.connected",
+                    broker_url=self.settings.broker_url,
+                    runner_name=hello.runner_name,
+                    connection_epoch=hello.connection_epoch,
+                    spooled=self.spool.spooled_count,
+                )
+            self.handler.link_connected(self.limits)
 
             # Three loops share the connection; the first to end ends them all.
             await _until_one_ends(
@@ -269,22 +297,27 @@ class BrokerLink:
                 self._resend_loop(connection),
             )
 
-    async def _receive_hello(self, connection: ClientConnection) -> wire.Hello:
+    async def _receive_hello(self, connection: ClientConnection) -> wire.Hello | None:
+        """The broker's hello, or None from an older broker that sends none."""
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
         # a cancel that coincides with the hello arriving.
-        async with asyncio.timeout(self.settings.open_timeout):
-            raw = await connection.recv()
+        try:
+            async with asyncio.timeout(self.settings.hello_timeout):
+                raw = await connection.recv()
+        except TimeoutError:
+            return None
         try:
             message = wire.broker_message_decoder.decode(raw)
         except msgspec.DecodeError as error:
             raise SessionEnded(
                 f"the broker's first message is malformed: {error}"
             ) from error
-        if not isinstance(message, wire.Hello):
-            raise SessionEnded(
-                f"the broker's first message is {type(message).__name__}, not hello"
-            )
-        return message
+        if isinstance(message, wire.Hello):
+            return message
+
+        # No hello: whatever came first is an ordinary message.
+        self._dispatch(message)
+        return None
 
     def _forget_connection(self) -> None:
         # Whatever was in flight is resent from the spool on the next connection.
@@ -353,18 +386,20 @@ class BrokerLink:
         # Recorded before sending: an acknowledgement can come back at once.
         # An event sent again counts one more attempt and waits longer.
         now = time.monotonic()
+        resend_at: dict[int, float] = {}
         for event in events:
             previous = self.in_flight.get(event.row)
             attempts = 1 if previous is None else previous.attempts + 1
             if previous is None:
                 self.in_flight_bytes += len(event.data)
-            resend_at = now + resend_delay(
-                attempts,
-                self.settings.acknowledge_timeout,
-                self.settings.acknowledge_timeout_max,
-            )
+            if attempts not in resend_at:
+                resend_at[attempts] = now + resend_delay(
+                    attempts,
+                    self.settings.acknowledge_timeout,
+                    self.settings.acknowledge_timeout_max,
+                )
             self.in_flight[event.row] = InFlight(
-                event.row, len(event.data), attempts, resend_at
+                event.row, len(event.data), attempts, resend_at[attempts]
             )
         await connection.send(frame_of(frame), text=True)
         log.debug("runner.batch_sent", events=len(events))
@@ -389,7 +424,7 @@ class BrokerLink:
                 "runner.acknowledge_timeout",
                 events=len(still_spooled),
                 attempt=max(entry.attempts for entry in late) + 1,
-                command_id=str(still_spooled[0].command_id),
+                command_id=still_spooled[0].command_key,
                 sequence=still_spooled[0].sequence,
             )
             self.resent_total += len(still_spooled)
@@ -415,23 +450,25 @@ class BrokerLink:
             except msgspec.DecodeError as error:
                 log.warning("runner.message_malformed", error=str(error))
                 continue
+            self._dispatch(message)
 
-            if isinstance(message, wire.EventAck):
-                self._take_acknowledgement(message)
-            elif isinstance(message, wire.CommandMessage):
-                self.handler.command_received(message)
-            elif isinstance(message, wire.CancelMessage):
-                self.handler.cancel_received(message)
-            elif isinstance(message, wire.ErrorMessage):
-                # A whole frame was refused (over a rate, storage failed, ...):
-                # its events are resent after a short, growing pause.
-                log.warning(
-                    "runner.frame_refused", code=message.code, reason=message.reason
-                )
-                self._resend_soon()
-            elif isinstance(message, wire.Hello):
-                self.limits = message.limits
-                self.handler.broker_said_hello(message)
+    def _dispatch(self, message: wire.BrokerMessage) -> None:
+        if isinstance(message, wire.EventAck):
+            self._take_acknowledgement(message)
+        elif isinstance(message, wire.CommandMessage):
+            self.handler.command_received(message)
+        elif isinstance(message, wire.CancelMessage):
+            self.handler.cancel_received(message)
+        elif isinstance(message, wire.ErrorMessage):
+            # A whole frame was refused (over a rate, storage failed, ...):
+            # its events are resent after a short, growing pause.
+            log.warning(
+                "runner.frame_refused", code=message.code, reason=message.reason
+            )
+            self._resend_soon()
+        elif isinstance(message, wire.Hello):
+            self.limits = message.limits
+            self.handler.link_connected(message.limits)
 
     def _take_acknowledgement(self, message: wire.EventAck) -> None:
         rows = self.spool.acknowledge(

@@ -187,8 +187,8 @@ class Runner:
 
     # The link's callbacks
 
-    def broker_said_hello(self, hello: wire.Hello) -> None:
-        self._chunk_bytes = largest_chunk_for(hello.limits, self.settings.chunk_bytes)
+    def link_connected(self, limits: wire.Limits) -> None:
+        self._chunk_bytes = largest_chunk_for(limits, self.settings.chunk_bytes)
         self._connected.notify()
 
     def command_received(self, message: wire.CommandMessage) -> None:

@@ -67,6 +67,11 @@ class RunnerSettings:
         10.0, "Seconds without a pong after which the connection counts as dead."
     )
     open_timeout: float = setting(10.0, "Seconds allowed to open the WebSocket.")
+    hello_timeout: float = setting(
+        5.0,
+        "Seconds to wait for the broker's hello before taking it for an older "
+        "broker that sends none (and using default limits).",
+    )
     compression: bool = setting(
         True, "Offer per-message deflate to the broker (less bandwidth, more CPU)."
     )

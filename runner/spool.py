@@ -38,20 +38,36 @@ ROW_OVERHEAD_BYTES = 160
 queries = Queries(Path(__file__).parent / "sql" / "spool.sql")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SpooledEvent:
-    """One event as the spool holds it; ``row`` gives the sending order."""
+    """One event as the spool holds it; ``row`` gives the sending order.
+
+    Ids and the payload stay in their stored text form, since sending needs
+    nothing else; the properties give them as objects.
+    """
 
     row: int
-    command_id: uuid.UUID
+    command_key: str
     sequence: int
-    id: uuid.UUID
+    id_key: str
     kind: str
     stream: str | None
     data: bytes
-    payload: dict[str, Any] | None
+    payload_json: str | None
     emitted_at: float
     size: int
+
+    @property
+    def command_id(self) -> uuid.UUID:
+        return uuid.UUID(self.command_key)
+
+    @property
+    def id(self) -> uuid.UUID:
+        return uuid.UUID(self.id_key)
+
+    @property
+    def payload(self) -> dict[str, Any] | None:
+        return None if self.payload_json is None else json.loads(self.payload_json)
 
 
 @dataclass(frozen=True)
@@ -88,18 +104,7 @@ class SpoolFigures:
 
 
 def _event_from_row(row: Sequence[Any]) -> SpooledEvent:
-    return SpooledEvent(
-        row=row[0],
-        command_id=uuid.UUID(row[1]),
-        sequence=row[2],
-        id=uuid.UUID(row[3]),
-        kind=row[4],
-        stream=row[5],
-        data=bytes(row[6]),
-        payload=None if row[7] is None else json.loads(row[7]),
-        emitted_at=row[8],
-        size=row[9],
-    )
+    return SpooledEvent(*row)
 
 
 class Spool:
@@ -234,7 +239,7 @@ class Spool:
                     raise SpoolError(f"command {command_id} was never accepted")
                 sequence: int = found[0]
                 for kind, stream, data, payload in items:
-                    event_id = uuid.uuid4()
+                    event_id = str(uuid.uuid4())
                     payload_text = None if payload is None else json.dumps(payload)
                     size = len(data) + len(payload_text or "") + ROW_OVERHEAD_BYTES
                     cursor.execute(
@@ -242,7 +247,7 @@ class Spool:
                         (
                             command_key,
                             sequence,
-                            str(event_id),
+                            event_id,
                             kind,
                             stream,
                             data,
@@ -256,13 +261,13 @@ class Spool:
                     appended.append(
                         SpooledEvent(
                             row,
-                            command_id,
+                            command_key,
                             sequence,
                             event_id,
                             kind,
                             stream,
                             data,
-                            payload,
+                            payload_text,
                             emitted_at,
                             size,
                         )
@@ -322,6 +327,13 @@ class Spool:
         ).fetchone()[0]
         return count
 
+    def has_pending(self, command_id: uuid.UUID) -> bool:
+        """Whether any event of ``command_id`` still waits (cheaper than a count)."""
+        found = self._connection.execute(
+            queries.any_pending_for_command, (str(command_id),)
+        ).fetchone()
+        return found is not None
+
     def is_finished(self, command_id: uuid.UUID) -> bool:
         """Whether the command's exit event has been spooled."""
         row = self._connection.execute(
@@ -337,20 +349,22 @@ class Spool:
         Triples that match nothing (already deleted, or a different id under
         the same sequence) are ignored: acknowledging twice is harmless.
         """
-        removed: list[int] = []
-        freed = 0
-        with self._transaction() as cursor:
-            for event_id, command_id, sequence in acknowledged:
-                found = cursor.execute(
-                    queries.delete_acknowledged,
-                    (str(command_id), sequence, str(event_id)),
-                ).fetchone()
-                if found is not None:
-                    removed.append(found[0])
-                    freed += found[1]
-        self.spooled_bytes -= freed
+        keys = json.dumps(
+            [
+                [str(command_id), sequence, str(event_id)]
+                for event_id, command_id, sequence in acknowledged
+            ]
+        )
+        try:
+            with self._transaction() as cursor:
+                removed = cursor.execute(
+                    queries.delete_acknowledged, (keys,)
+                ).fetchall()
+        except sqlite3.Error as error:
+            raise self._write_failed(error) from error
+        self.spooled_bytes -= sum(size for _, size in removed)
         self.spooled_count -= len(removed)
-        return removed
+        return [row for row, _ in removed]
 
     def refuse(
         self,

@@ -13,7 +13,7 @@ CREATE TABLE IF NOT EXISTS events (
     row INTEGER PRIMARY KEY AUTOINCREMENT,
     command_id TEXT NOT NULL,
     sequence INTEGER NOT NULL,
-    id TEXT NOT NULL UNIQUE,
+    id TEXT NOT NULL,
     kind TEXT NOT NULL,
     stream TEXT,
     data BLOB NOT NULL,
@@ -91,13 +91,25 @@ FROM events WHERE row IN (SELECT value FROM json_each(?)) ORDER BY row;
 -- Events of a command still waiting for an acknowledgement.
 SELECT count(*) FROM events WHERE command_id = ?;
 
+-- name: any_pending_for_command
+-- Whether a command has any event still waiting for an acknowledgement.
+SELECT 1 FROM events WHERE command_id = ? LIMIT 1;
+
 -- name: delete_acknowledged
--- Drop an acknowledged event, matched by command, sequence and id.
-DELETE FROM events WHERE command_id = ? AND sequence = ? AND id = ?
+-- Drop acknowledged events, given as a JSON array of [command, sequence, id].
+DELETE FROM events
+WHERE row IN (
+    SELECT events.row
+    FROM json_each(?) AS acknowledged
+    JOIN events
+      ON events.command_id = acknowledged.value ->> 0
+     AND events.sequence = acknowledged.value ->> 1
+     AND events.id = acknowledged.value ->> 2
+)
 RETURNING row, size;
 
 -- name: find_event_by_id
--- The row and size of a held event, by its id.
+-- The row and size of a held event, by its id (a scan; refusals are rare).
 SELECT row, size FROM events WHERE id = ?;
 
 -- name: find_event_by_sequence

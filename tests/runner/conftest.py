@@ -44,6 +44,8 @@ class StandInBroker:
         )
     )
     acknowledging: bool = True
+    saying_hello: bool = True
+    refusing_frames: int = 0
     refuse: Refusal | None = None
     stored: dict[tuple[uuid.UUID, int], wire.WireEvent] = field(default_factory=dict)
     received_events: int = 0
@@ -87,16 +89,17 @@ class StandInBroker:
     async def _session(self, connection: ServerConnection) -> None:
         self.connections += 1
         self.current = connection
-        await connection.send(
-            wire.encode(
-                wire.Hello(
-                    runner_id=uuid.uuid4(),
-                    runner_name="stand-in",
-                    connection_epoch=self.connections,
-                    limits=self.limits,
-                )
-            ).decode()
-        )
+        if self.saying_hello:
+            await connection.send(
+                wire.encode(
+                    wire.Hello(
+                        runner_id=uuid.uuid4(),
+                        runner_name="stand-in",
+                        connection_epoch=self.connections,
+                        limits=self.limits,
+                    )
+                ).decode()
+            )
         self._notify()
         with contextlib.suppress(Exception):
             async for raw in connection:
@@ -112,6 +115,13 @@ class StandInBroker:
             return
         message = wire.runner_message_decoder.decode(raw)
         if not isinstance(message, wire.EventsMessage):
+            return
+        if self.refusing_frames > 0:
+            self.refusing_frames -= 1
+            await connection.send(
+                wire.encode(wire.ErrorMessage("rate_limited", "slow down")).decode()
+            )
+            self._notify()
             return
         assert len(message.events) <= self.limits.max_batch_events
 

@@ -52,19 +52,24 @@ def create_app(settings: WebSettings, database_url: str) -> Litestar:
     async def open_database(app: Litestar) -> None:
         state = runtime_from_state(app.state)
         try:
-            state.pool_holder.append(await create_pool(state.database_url))
+            state.database_pool = await create_pool(state.database_url)
             await state.notifier.start()
         except BaseException as error:
+            # Shutdown hooks do not run after a failed startup: clean up here.
             state.startup_error = error
+            if state.database_pool is not None:
+                state.database_pool.terminate()
+                state.database_pool = None
             raise
         log.info("web.database_ready", database=redact_url(state.database_url))
 
     async def close_database(app: Litestar) -> None:
         state = runtime_from_state(app.state)
         await state.notifier.close()
-        while state.pool_holder:
-            pool = state.pool_holder.pop()
-            with contextlib.suppress(Exception):
+        pool, state.database_pool = state.database_pool, None
+        if pool is not None:
+            # A pool whose connections hang is abandoned rather than waited on.
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(pool.close(), timeout=5)
 
     async def log_unexpected(error: Exception, scope: Scope) -> None:

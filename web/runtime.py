@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import asyncpg
 from litestar import Request
@@ -24,15 +24,15 @@ class Runtime:
     metrics: WebMetrics
     control_token_hash: str | None
     cookie_key: str
-    pool_holder: list[asyncpg.Pool] = field(default_factory=list)
+    database_pool: asyncpg.Pool | None = None
     startup_error: BaseException | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
         """The connection pool; 503 before startup or after shutdown."""
-        if not self.pool_holder:
+        if self.database_pool is None:
             raise ServiceUnavailableException("the database pool is not open")
-        return self.pool_holder[0]
+        return self.database_pool
 
 
 def runtime_of(request: Request) -> Runtime:

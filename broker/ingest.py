@@ -325,9 +325,15 @@ async def _store(connection: asyncpg.Connection, placed: list[_Placed]) -> _Stor
         [item.submission.connection_epoch for item in placed],
         EVENTS_CHANNEL,
     )
+
+    # A stored key is that of the first event of the batch with the key.
+    first_with_key: dict[tuple[uuid.UUID, int | None], int] = {}
+    for position, event in enumerate(events):
+        first_with_key.setdefault((event.command_id, event.sequence), position)
     for row in rows:
         if row["row_kind"] == "stored":
-            stored.positions.append(row["position"])
+            key = (row["command_id"], row["sequence"])
+            stored.positions.append(first_with_key[key])
         elif row["row_kind"] == "highest_before":
             stored.highest_before[row["command_id"]] = row["sequence"] or 0
     stored.positions.sort()

@@ -52,6 +52,17 @@ current_connections AS (
     ORDER BY id
     FOR SHARE
 ),
+-- Who may write each command: its runner, through its current connection.
+-- One lookup object, so checking an event costs the same however many
+-- runners share the batch.
+writers AS MATERIALIZED (
+    SELECT jsonb_object_agg(
+               c.id::text, r.id::text || ' ' || r.connection_epoch
+           ) AS by_command
+    FROM current_connections AS r
+    JOIN commands AS c ON c.runner_id = r.id
+    WHERE c.id IN (SELECT DISTINCT command_id FROM batch)
+),
 -- Read in the statement's snapshot, so before this batch's rows.
 highest_before AS (
     SELECT grown.command_id,
@@ -64,13 +75,9 @@ inserted AS (
                         emitted_at)
     SELECT c.command_id, c.sequence, c.id, c.kind, c.stream, c.data,
            c.payload::jsonb, to_timestamp(c.emitted_at)
-    FROM candidates AS c
-    WHERE EXISTS (
-            SELECT 1 FROM current_connections AS r
-            WHERE r.id = c.runner_id AND r.connection_epoch = c.connection_epoch)
-      AND EXISTS (
-            SELECT 1 FROM commands
-            WHERE commands.id = c.command_id AND commands.runner_id = c.runner_id)
+    FROM candidates AS c, writers AS w
+    WHERE w.by_command ->> c.command_id::text
+          = c.runner_id::text || ' ' || c.connection_epoch
     ON CONFLICT DO NOTHING
     RETURNING command_id, sequence
 ),
@@ -78,13 +85,11 @@ notified AS (
     SELECT pg_notify($12, grown.command_id::text)
     FROM (SELECT DISTINCT command_id FROM inserted) AS grown
 )
-SELECT 'stored' AS row_kind, c.position, NULL::uuid AS command_id,
-       NULL::bigint AS sequence
-FROM inserted JOIN candidates AS c USING (command_id, sequence)
+SELECT 'stored' AS row_kind, command_id, sequence FROM inserted
 UNION ALL
-SELECT 'highest_before', NULL, command_id, sequence FROM highest_before
+SELECT 'highest_before', command_id, sequence FROM highest_before
 UNION ALL
-SELECT 'notified', NULL, NULL, NULL FROM notified;
+SELECT 'notified', NULL, NULL FROM notified;
 
 -- name: highest_sequences
 -- The highest stored sequence of each command, to number legacy events after it.

@@ -11,7 +11,6 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Literal
 
 import asyncpg
@@ -35,11 +34,11 @@ from core.commands import (
     runner_id_by_name,
     submit_command,
 )
-from core.database import Queries
 from core.errors import AuthenticationError, ProtocolError
 from core.logging import get_logger
 from web.auth import require_bearer
 from web.ingest import UnknownCommandDelivery, apply_delivery, decode_delivery
+from web.queries import web_queries as queries
 from web.reader import UnknownCommandError, json_object, read_page_waiting
 from web.runtime import Runtime, runtime_of
 from web.schemas import (
@@ -57,7 +56,6 @@ from web.schemas import (
 
 log = get_logger("web")
 
-queries = Queries(Path(__file__).parent / "sql" / "web.sql")
 
 NO_CSRF = {"exclude_from_csrf": True}
 

@@ -14,14 +14,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import asyncpg
 
-from core.database import Queries
 from web.charts import Series, line_chart
-
-queries = Queries(Path(__file__).parent / "sql" / "health.sql")
+from web.queries import health_queries as queries
 
 WINDOW_SECONDS = 3600
 BUCKET_SECONDS = 60

@@ -14,18 +14,15 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import asyncpg
 import msgspec
 
 from core import delivery as delivery_format
-from core.database import Queries
 from core.errors import ProtocolError
 from core.tables import COMMAND_STATUSES
+from web.queries import web_queries as queries
 from web.verification import verify_command
-
-queries = Queries(Path(__file__).parent / "sql" / "web.sql")
 
 
 class UnknownCommandDelivery(ProtocolError):

@@ -7,14 +7,10 @@ Postgres when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from core.database import Queries
-
-queries = Queries(Path(__file__).parent / "sql" / "health.sql")
+from web.queries import health_queries as queries
 
 
 class WebMetrics:

@@ -43,7 +43,7 @@ from web.auth import (
     token_allowed,
 )
 from web.delivery_health import delivery_health
-from web.reader import queries
+from web.queries import web_queries as queries
 from web.runtime import Runtime, runtime_of
 from web.schemas import SubmitCommand
 

@@ -13,18 +13,15 @@ import contextlib
 import json
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from core.database import Queries
 from core.tables import FINAL_STATUSES
 from web.gaps import Range, contiguous_run, describe, merge_ranges, subtract_present
 from web.notifier import EventNotifier
+from web.queries import web_queries as queries
 from web.schemas import EventOut, EventsPage, GapOut
-
-queries = Queries(Path(__file__).parent / "sql" / "web.sql")
 
 # While a long poll waits, the database is re-read at least this often, so a
 # lost notification or a gap recorded by the relay is seen without one.

@@ -11,15 +11,12 @@ import hashlib
 import json
 import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from core.database import Queries
 from core.wire import STREAMS
-
-queries = Queries(Path(__file__).parent / "sql" / "web.sql")
+from web.queries import web_queries as queries
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 

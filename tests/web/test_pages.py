@@ -102,6 +102,15 @@ async def test_form_without_csrf_token_is_refused(
     assert response.status_code == 403
 
 
+async def test_command_page_offers_sign_in_to_cancel(
+    client: httpx.AsyncClient, stored_command: StoredCommand
+) -> None:
+    """Before sign-in the command page links to sign-in instead of a cancel form."""
+    html = (await client.get(f"/commands/{stored_command.command_id}")).text
+    assert f'href="/signin?next=/commands/{stored_command.command_id}"' in html
+    assert 'id="cancel-form"' not in html
+
+
 async def test_forms_need_sign_in(
     client: httpx.AsyncClient, stored_command: StoredCommand
 ) -> None:

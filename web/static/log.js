@@ -281,7 +281,7 @@
   }
 
   function renderGap(gap) {
-    systemLine(gap.label + (gap.recorded ? " (not delivered by the runner)" : " (still missing when the command ended)"), "gap");
+    systemLine(gap.label + (gap.recorded ? " (never stored; the relay stopped waiting for it)" : " (still missing when the command ended)"), "gap");
   }
 
   function setState(text) { stateLine.textContent = text; }
@@ -334,8 +334,12 @@
       if (stick) { pane.scrollTop = pane.scrollHeight; }
 
       var waiting = page.waiting_for ? " · waiting for " + page.waiting_for : "";
-      setState((page.finished ? "ended" : "following") + " · sequence " + after + " of " +
-        page.highest_stored + " stored" + waiting);
+      if (page.highest_stored === 0) {
+        setState("waiting for the runner to start it…");
+      } else {
+        setState((page.finished ? "ended" : "following") + " · sequence " + after + " of " +
+          page.highest_stored + " stored" + waiting);
+      }
       if (page.finished && after >= page.highest_stored) {
         setState("complete · " + page.highest_stored + " events");
         await showSummary();

@@ -35,7 +35,7 @@ def test_mypy_finds_nothing() -> None:
 
 
 def test_no_unfinished_marks() -> None:
-    """No TODO or FIXME marks are left in code: limits are named instead."""
+    """No unfinished-work marks are left in code: limits are named instead."""
     marks = [
         f"{path.relative_to(ROOT)}:{number}"
         for path in ROOT.glob("[!.]*/**/*.py")

@@ -6,9 +6,9 @@ One run, on this machine:
    ``--event-bytes`` bytes each (one command), as a runner does while its
    broker is away, and times it;
 2. starts ``runledger runner`` on that spool against an acknowledging sink
-   (a minimal broker stand-in in its own process, so only the runner is
-   measured; or the real broker at ``--broker-url``) and samples the
-   runner's resident memory every 0.2 s until the spool is empty;
+   (a minimal broker stand-in in its own process, so that the runner, not
+   Postgres, is what is measured; ``bench.ingest`` measures the broker) and
+   samples the runner's resident memory every 0.2 s until the spool is empty;
 3. reports the peak and final RSS and the send throughput, in events/s and
    MB/s of output data, from the first acknowledgement to the last.
 
@@ -190,10 +190,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backlog-mib", type=int, default=1024)
     parser.add_argument("--event-bytes", type=int, default=64 * 1024)
-    parser.add_argument(
-        "--broker-url", help="drain into this broker instead of the stand-in sink"
-    )
-    parser.add_argument("--token", default="rlr_bench", help="token for --broker-url")
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:
@@ -207,26 +203,22 @@ def main() -> None:
         filled = fill_spool(spool_path, args.backlog_mib * MIB, args.event_bytes)
         print(f"  {filled}")
 
-        sink = None
-        broker_url = args.broker_url
-        if broker_url is None:
-            sink, broker_url = start_sink()
+        sink, sink_url = start_sink()
         try:
-            print(f"draining into {broker_url} ...")
+            print(f"draining into the sink at {sink_url} ...")
             drained = drain(
-                spool_path, broker_url, args.token, workdir, filled["events"]
+                spool_path, sink_url, "rlr_bench", workdir, filled["events"]
             )
         finally:
-            if sink is not None:
-                sink.terminate()
-                sink.wait(10)
+            sink.terminate()
+            sink.wait(10)
 
     seconds = drained["sending_seconds"] or drained["seconds_to_empty"]
     result = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "backlog_mib": args.backlog_mib,
         "event_bytes": args.event_bytes,
-        "target": "broker" if args.broker_url else "stand-in sink",
+        "target": "stand-in sink",
         "fill": filled,
         "drain": drained,
         "events_per_second": round(filled["events"] / seconds),

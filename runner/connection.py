@@ -217,6 +217,13 @@ class BrokerLink:
                     )
                 else:
                     log.warning("runner.connect_failed", status=status)
+            except ssl.SSLCertVerificationError as error:
+                log.error(
+                    "runner.certificate_refused",
+                    broker_url=self.settings.broker_url,
+                    error=error.verify_message,
+                    hint="set RUNLEDGER_CA_BUNDLE to the CA that signed the broker",
+                )
             except (OSError, WebSocketException, SessionEnded, TimeoutError) as error:
                 event = (
                     "runner.disconnected" if self.connected else "runner.connect_failed"

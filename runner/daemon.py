@@ -200,9 +200,20 @@ class Runner:
         spool.accept_command(message.command_id)
         task = asyncio.create_task(self._run_command(message))
         self._command_tasks[message.command_id] = task
-        task.add_done_callback(
-            lambda _: self._command_tasks.pop(message.command_id, None)
-        )
+        task.add_done_callback(self._command_done)
+
+    def _command_done(self, task: asyncio.Task[None]) -> None:
+        for command_id, known in list(self._command_tasks.items()):
+            if known is task:
+                del self._command_tasks[command_id]
+        if not task.cancelled() and task.exception() is not None:
+            # The spool could not be written (disk full, say): the command's
+            # end is unknown and a restart will report it lost.
+            log.error(
+                "runner.command_aborted",
+                error=str(task.exception()),
+                hint="check the disk holding the spool",
+            )
 
     def cancel_received(self, message: wire.CancelMessage) -> None:
         child = self._children.get(message.command_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -55,12 +56,13 @@ class StandInBroker:
     server: Server | None = None
     current: ServerConnection | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    tls: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
         assert self.server is not None
         port = self.server.sockets[0].getsockname()[1]
-        return f"ws://127.0.0.1:{port}"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{port}"
 
     async def start(self, port: int = 0) -> None:
         self.server = await serve(
@@ -69,6 +71,7 @@ class StandInBroker:
             port,
             process_request=self._check_token,
             max_size=None,
+            ssl=self.tls,
         )
 
     async def stop(self) -> None:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from core import wire
+from core.errors import ConfigurationError
+from core.settings import load_settings
 from runner.connection import encode_event, frame_of
 from runner.daemon import Runner
+from runner.settings import RunnerSettings
 from runner.spool import Spool
 from tests.runner.conftest import StandInBroker, runner_settings
 
@@ -108,3 +116,54 @@ async def test_a_dropped_connection_is_replaced_and_nothing_is_lost(
     assert broker.output_of(command_id, "stdout") == expected
     sequences = [e.sequence for e in broker.events_of(command_id)]
     assert sequences == list(range(1, len(sequences) + 1))
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made by the openssl command."""
+    certificate, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+            "-keyout", str(key), "-out", str(certificate), "-days", "1",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return certificate, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+async def test_wss_is_verified_with_the_ca_bundle(tmp_path: Path) -> None:
+    """A wss:// broker is trusted through the CA bundle setting, and not without it."""
+    certificate, key = self_signed_certificate(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certificate, key)
+    broker = StandInBroker(tls=tls)
+    await broker.start()
+    untrusting = Runner(runner_settings(broker, tmp_path / "untrusting.sqlite3"))
+    trusting = Runner(
+        runner_settings(broker, tmp_path / "trusting.sqlite3", ca_bundle=certificate)
+    )
+    try:
+        assert broker.url.startswith("wss://")
+        await untrusting.start()
+        await trusting.start()
+        await asyncio.wait_for(trusting.wait_connected(), 10)
+        await asyncio.sleep(1.0)
+        assert broker.connections == 1
+        assert not untrusting.state().connected
+    finally:
+        await untrusting.stop()
+        await trusting.stop()
+        await broker.stop()
+
+
+def test_a_ca_bundle_needs_a_wss_url(tmp_path: Path) -> None:
+    """Setting a CA bundle for a ws:// broker is a configuration error."""
+    with pytest.raises(ConfigurationError, match="wss://"):
+        load_settings(
+            RunnerSettings,
+            {"broker_url": "ws://127.0.0.1:1", "ca_bundle": tmp_path / "ca.pem"},
+            environ={},
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -160,6 +161,20 @@ async def test_same_delivery_twice_is_applied_once(
     assert second.json()["applied"] == 0
     assert dict(before) == dict(after)
     assert await pool.fetchval("SELECT count(*) FROM applied_deliveries") == 1
+
+
+async def test_concurrent_retries_of_one_delivery_apply_once(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, stored_command: StoredCommand
+) -> None:
+    """Five copies of one delivery posted at once: one applies, four are duplicates."""
+    command_id = stored_command.command_id
+    batch = _batch(
+        command_id, [_event(command_id, 1, "status", payload={"status": "running"})]
+    )
+    responses = await asyncio.gather(*(_deliver(client, batch) for _ in range(5)))
+    assert [response.status_code for response in responses] == [200] * 5
+    duplicates = sorted(response.json()["duplicate"] for response in responses)
+    assert duplicates == [False, True, True, True, True]
 
 
 async def test_exit_event_finishes_and_verifies(

@@ -55,9 +55,13 @@ class Request:
 Behaviour = Callable[[int, str], Awaitable[Answer]]
 
 
-async def always_accept(_number: int, _delivery_id: str) -> Answer:
-    """The default behaviour: answer 200 at once."""
-    return Answer()
+def answering(answer: Answer) -> Behaviour:
+    """A behaviour that gives every request the same answer."""
+
+    async def fixed(_number: int, _delivery_id: str) -> Answer:
+        return answer
+
+    return fixed
 
 
 class TestSink:
@@ -67,7 +71,7 @@ class TestSink:
 
     def __init__(self, single_event: bool = False) -> None:
         self.single_event = single_event
-        self.behaviour: Behaviour = always_accept
+        self.behaviour: Behaviour = answering(Answer())
         self.requests: list[Request] = []
         self.applied: list[DeliveredEvent] = []
         self.applied_ids: set[str] = set()

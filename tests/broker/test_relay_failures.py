@@ -13,6 +13,7 @@ import pytest
 
 from tests.broker.relay_harness import (
     Answer,
+    answering,
     delivery_state,
     new_command,
     running_relay,
@@ -222,11 +223,7 @@ async def test_a_client_error_parks_the_command_dead(
     """A 400 is not retried: the command is dead with the status and the sink's text."""
     command_id = await new_command(pool)
     async with running_sink() as sink:
-
-        async def refuse(_number: int, _delivery_id: str) -> Answer:
-            return Answer(400, body=b"unknown event kind")
-
-        sink.behaviour = refuse
+        sink.behaviour = answering(Answer(400, body=b"unknown event kind"))
         async with running_relay(database_url, sink):
             await store_events(pool, command_id, range(1, 4))
             state = await wait_for_state(pool, command_id, "dead")
@@ -244,11 +241,7 @@ async def test_exhausted_attempts_park_the_command_dead(
     """After the configured number of failed tries the command is parked dead."""
     command_id = await new_command(pool)
     async with running_sink() as sink:
-
-        async def broken(_number: int, _delivery_id: str) -> Answer:
-            return Answer(500, body=b"boom")
-
-        sink.behaviour = broken
+        sink.behaviour = answering(Answer(500, body=b"boom"))
         async with running_relay(
             database_url,
             sink,
@@ -270,11 +263,7 @@ async def test_retries_past_the_maximum_age_park_the_command_dead(
     """A command failing for longer than the maximum age is parked dead."""
     command_id = await new_command(pool)
     async with running_sink() as sink:
-
-        async def broken(_number: int, _delivery_id: str) -> Answer:
-            return Answer(502)
-
-        sink.behaviour = broken
+        sink.behaviour = answering(Answer(502))
         async with running_relay(
             database_url,
             sink,

@@ -9,7 +9,13 @@ import pytest
 
 from broker.relay_sink import SinkClient
 from core.errors import DeliveryError
-from tests.broker.relay_harness import SECRET, Answer, TestSink, running_sink
+from tests.broker.relay_harness import (
+    SECRET,
+    Answer,
+    TestSink,
+    answering,
+    running_sink,
+)
 
 BODY = (
     b'{"delivery_id": "c:1-1", "command_id": "0b5a4620-0000-4000-8000-000000000000",'
@@ -19,11 +25,7 @@ BODY = (
 
 async def deliver_once(sink: TestSink, answer: Answer) -> int:
     """Have ``sink`` answer ``answer`` and send it one delivery."""
-
-    async def fixed(_number: int, _delivery_id: str) -> Answer:
-        return answer
-
-    sink.behaviour = fixed
+    sink.behaviour = answering(answer)
     client = SinkClient(sink.url, SECRET, 5.0, max_connections=1)
     try:
         return await client.deliver("c:1-1", BODY)

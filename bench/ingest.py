@@ -4,18 +4,20 @@ One run measures, on this machine and one scratch database:
 
 1. the raw limit: the same ~200-byte output events of 100 commands written
    straight from asyncpg, by ``COPY`` and by an ``unnest`` insert, in
-   transactions of ``--raw-batch`` rows;
-2. runledger's end-to-end ingest: ``--clients`` runner connections (one
-   command each) send ``events`` batches to a broker running in its own
-   process, each keeping ``--window`` batches unacknowledged; the rate counts
-   events that are durable and acknowledged;
-3. acknowledgement latency at ``--rate`` events/s: the same clients send
-   small batches at a steady pace, and the time from sending a batch to
-   reading its ``event-ack`` is recorded per batch (p50, p99).
+   transactions of ``--raw-batch`` rows, once before and once after the
+   broker's turn (the machine may be shared; the mean is compared);
+2. acknowledgement latency at ``--rate`` events/s: ``--clients`` runner
+   connections (one command each) send small batches at a steady pace to a
+   broker in its own process; the time from sending a batch to reading its
+   ``event-ack`` is recorded per batch (p50, p99);
+3. runledger's end-to-end ingest: as many fresh connections send
+   ``--batch``-event batches flat out, each keeping ``--window`` batches
+   unacknowledged; the rate counts events durable and acknowledged.
 
 Run: ``PGHOST=127.0.0.1 .venv/bin/python -m bench.ingest`` (``DATABASE_URL``
 or ``PG*`` say where Postgres is). Results go to standard output and, as
-JSON, to ``bench/results/ingest.json``.
+JSON, to ``bench/results/ingest.json``. ``BENCH_PROFILE=FILE`` runs the
+broker under cProfile; ``RUNLEDGER_*`` variables set the broker's settings.
 """
 
 from __future__ import annotations
@@ -373,14 +375,7 @@ async def measure_end_to_end(url: str, options: Options) -> dict[str, Any]:
     registrations = await register_clients(url, 2 * options.clients)
     process, port = start_broker(url)
     try:
-        throughput_clients = [
-            await Client.open(port, token, command_id)
-            for token, command_id in registrations[: options.clients]
-        ]
-        throughput = await measure_throughput(throughput_clients, options)
-        for client in throughput_clients:
-            await client.connection.close()
-
+        # Latency first, on a quiet table; then throughput, flat out.
         latency_clients = [
             await Client.open(port, token, command_id)
             for token, command_id in registrations[options.clients :]
@@ -389,6 +384,14 @@ async def measure_end_to_end(url: str, options: Options) -> dict[str, Any]:
         for client in latency_clients:
             await client.connection.close()
         commits = await broker_commit_figures(port)
+
+        throughput_clients = [
+            await Client.open(port, token, command_id)
+            for token, command_id in registrations[: options.clients]
+        ]
+        throughput = await measure_throughput(throughput_clients, options)
+        for client in throughput_clients:
+            await client.connection.close()
     finally:
         # Closing its standard input stops the broker cleanly.
         assert process.stdin is not None
@@ -419,7 +422,12 @@ async def broker_commit_figures(port: int) -> dict[str, float]:
         if name.startswith(("runledger_broker_commit_", "runledger_broker_ack")):
             values[name] = float(value)
     transactions = values.get("runledger_broker_commit_seconds_count", 0.0)
+    frames = values.get("runledger_broker_acknowledge_latency_seconds_count", 0.0)
+    within = values.get(
+        'runledger_broker_acknowledge_latency_seconds_bucket{le="0.01"}', 0.0
+    )
     return {
+        "frames_acknowledged_within_10ms": within / max(frames, 1),
         "transactions": transactions,
         "events_per_transaction": values.get(
             "runledger_broker_commit_batch_events_sum", 0
@@ -453,17 +461,25 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     name, url = scratch_database(server_url)
     try:
-        raw = asyncio.run(measure_raw(url, options))
+        # The raw limit is taken before and after, as the machine may be shared.
+        raw_before = asyncio.run(measure_raw(url, options))
         end_to_end = asyncio.run(measure_end_to_end(url, options))
+        raw_after = asyncio.run(measure_raw(url, options))
     finally:
         drop_database(server_url, name)
 
     # The machine may be shared; its load says how far to trust the figures.
     load = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
+    raw = {
+        method: (raw_before[method] + raw_after[method]) / 2 for method in raw_before
+    }
     ratio = end_to_end["events_per_second"] / raw["unnest"]
     latency = end_to_end["latency"]
-    print(f"raw COPY            {raw['copy']:>10,.0f} events/s")
-    print(f"raw unnest insert   {raw['unnest']:>10,.0f} events/s")
+    for method, label in (("copy", "raw COPY"), ("unnest", "raw unnest insert")):
+        print(
+            f"{label:<19} {raw[method]:>10,.0f} events/s (before "
+            f"{raw_before[method]:,.0f}, after {raw_after[method]:,.0f})"
+        )
     print(
         f"runledger ingest    {end_to_end['events_per_second']:>10,.0f} events/s "
         f"({ratio:.0%} of unnest; target 40%)"
@@ -475,9 +491,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     commits = end_to_end["broker_commits"]
     print(
-        f"broker transactions: {commits['transactions']:,.0f}, "
+        f"broker transactions at {options.rate:,} events/s: "
+        f"{commits['transactions']:,.0f}, "
         f"{commits['events_per_transaction']:.0f} events and "
-        f"{commits['milliseconds_per_transaction']:.2f} ms each on average"
+        f"{commits['milliseconds_per_transaction']:.2f} ms each on average; "
+        f"{commits['frames_acknowledged_within_10ms']:.1%} of frames acknowledged "
+        "within 10 ms of the broker reading them (latency phase)"
     )
     print(
         f"load average {load['before']:.1f} before, {load['after']:.1f} after, "
@@ -490,6 +509,8 @@ def main(argv: list[str] | None = None) -> None:
                 "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "options": dataclasses.asdict(options),
                 "raw_events_per_second": raw,
+                "raw_before": raw_before,
+                "raw_after": raw_after,
                 "end_to_end": end_to_end,
                 "ratio_to_unnest": ratio,
                 "load_average": load,

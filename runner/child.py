@@ -29,13 +29,16 @@ EmitOutput = Callable[[str, list[bytes]], Awaitable[None]]
 READ_BYTES = 64 * 1024
 
 _PR_SET_PDEATHSIG = 1
+# Looked up once here: the function below runs between fork and exec, where
+# loading a library could deadlock on a lock another thread held at fork.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 def _die_with_parent() -> None:
     # Runs in the forked child before exec: ask the kernel for SIGKILL when the
     # runner goes away, so a killed runner leaves no child writing into a void.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 @dataclass
@@ -136,7 +139,7 @@ class Child:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_die_with_parent if _prctl is not None else None,
         )
         # A cancel that came while the child was starting applies now.
         if self._cancelled_because is not None:

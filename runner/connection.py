@@ -30,7 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from core import wire
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, RunledgerError
 from core.logging import get_logger
 from runner.backoff import Backoff
 from runner.settings import RunnerSettings
@@ -165,7 +165,7 @@ def ssl_context_for(settings: RunnerSettings) -> ssl.SSLContext | None:
     return context
 
 
-class SessionEnded(Exception):
+class SessionEnded(RunledgerError):
     """The current connection is over; the link reconnects."""
 
 
@@ -233,6 +233,10 @@ class BrokerLink:
                     broker_url=self.settings.broker_url,
                     error=str(error) or type(error).__name__,
                 )
+            except Exception:
+                # Anything else (the spool's disk failing, say) must not end
+                # the link for good: report it and try again after the backoff.
+                log.exception("runner.link_failed", broker_url=self.settings.broker_url)
             finally:
                 self._forget_connection()
 

@@ -50,8 +50,9 @@ class RunnerState:
 def lost_exit_payload(command: UnfinishedCommand) -> dict[str, Any]:
     """The ``exit`` payload of a command whose child died with its runner.
 
-    The SHA-256 of what the child wrote died with the runner's memory, so it
-    is null; the byte counts are those spooled before the runner stopped.
+    The SHA-256 of what the child wrote died with the runner's memory, so
+    each stream gives only its byte count, that of the output spooled before
+    the runner stopped (readers then treat the hash as unknown).
     """
     if command.pid is None:
         reason = "the runner stopped before the child started"
@@ -65,8 +66,8 @@ def lost_exit_payload(command: UnfinishedCommand) -> dict[str, Any]:
         "exit_code": None,
         "reason": reason,
         "streams": {
-            "stdout": {"bytes": command.stdout_bytes, "sha256": None},
-            "stderr": {"bytes": command.stderr_bytes, "sha256": None},
+            "stdout": {"bytes": command.stdout_bytes},
+            "stderr": {"bytes": command.stderr_bytes},
         },
     }
 
@@ -130,8 +131,11 @@ class Runner:
                 list(self._command_tasks.values()),
                 timeout=self.settings.cancel_grace + 5,
             )
+            # Stuck (its output waiting for room that never came): give up on
+            # it; its exit is not spooled, so the next start reports it lost.
             for task in unfinished:
                 task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
 
         # Let the link send the exit events and the rest, for a bounded time.
         if self._link is not None and self._link.connected:
@@ -181,7 +185,7 @@ class Runner:
         """
         await self._wait_until(
             lambda spool: (
-                spool.is_finished(command_id) and spool.pending_for(command_id) == 0
+                spool.is_finished(command_id) and not spool.has_pending(command_id)
             )
         )
 

@@ -297,7 +297,7 @@ async def test_restart_marks_a_running_command_lost(
     payload = events[-1].payload
     assert payload is not None and payload["status"] == "lost"
     assert "pid 4242" in payload["reason"]
-    assert payload["streams"]["stdout"] == {"bytes": 7, "sha256": None}
+    assert payload["streams"]["stdout"] == {"bytes": 7}
 
 
 async def test_a_full_spool_blocks_the_child_instead_of_dropping(

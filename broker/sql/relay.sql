@@ -68,13 +68,18 @@ WITH candidate AS (
             WHERE g.command_id = cd.command_id AND g.skipped_at IS NOT NULL
         ) AS has_skipped_gaps
 ), next_events AS (
+    -- Walk the primary key from the cursor and stop at the limit, however
+    -- long the backlog behind it.
     SELECT e.sequence, octet_length(e.data) AS size
     FROM claimed
-    JOIN events e
-      ON e.command_id = claimed.command_id
-     AND e.sequence > claimed.delivered_through
-    ORDER BY e.sequence
-    LIMIT $3
+    CROSS JOIN LATERAL (
+        SELECT sequence, data
+        FROM events
+        WHERE command_id = claimed.command_id
+          AND sequence > claimed.delivered_through
+        ORDER BY sequence
+        LIMIT $3
+    ) AS e
 ), bounded AS (
     SELECT sequence, size, sum(size) OVER (ORDER BY sequence) - size AS bytes_before
     FROM next_events

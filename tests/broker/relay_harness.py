@@ -288,3 +288,17 @@ async def wait_for_state(
         if time.monotonic() > deadline:
             raise AssertionError(f"command stayed {row['state']}, not {state}")
         await asyncio.sleep(0.05)
+
+
+async def wait_for_cursor(
+    pool: asyncpg.Pool, command_id: uuid.UUID, delivered_through: int
+) -> asyncpg.Record:
+    """Poll until the relay has recorded delivery through a sequence."""
+    deadline = time.monotonic() + 30
+    while True:
+        row = await delivery_state(pool, command_id)
+        if row["delivered_through"] >= delivered_through:
+            return row
+        if time.monotonic() > deadline:
+            raise AssertionError(f"delivered through {row['delivered_through']}")
+        await asyncio.sleep(0.05)

@@ -18,6 +18,7 @@ from tests.broker.relay_harness import (
     running_relay,
     running_sink,
     store_events,
+    wait_for_cursor,
     wait_for_state,
     wait_until,
 )
@@ -243,7 +244,7 @@ async def test_a_gap_is_held_then_skipped_and_late_events_follow(
         assert (gap["first_missing"], gap["last_missing"]) == (4, 5)
         held = gap["skipped_at"] - gap["detected_at"]
         assert held.total_seconds() >= 1.5
-        state = await delivery_state(pool, command_id)
+        state = await wait_for_cursor(pool, command_id, 8)
         assert state["delivered_through"] == 8
         assert state["state"] == "active", "an unfilled gap keeps the command open"
 

@@ -13,8 +13,9 @@ One run, on this machine and one scratch database:
    number of commands sharing that rate): events are stored at that pace in
    small transactions (as the broker's group commit does, with its NOTIFY)
    while the relay runs, and each event's time from ``stored_at`` to its
-   arrival at the sink is recorded (p50, p99). With more commands than
-   workers, a command waits its turn for a worker, so lag grows with them.
+   arrival at the sink is recorded (p50, p99), after one second of warm-up
+   that is not counted. With more commands than workers, a command waits its
+   turn for a worker, so lag grows with them.
 
 The sink is the tests' sink (``tests/broker/relay_harness.py``): it verifies
 every signature and applies each delivery id once, in this process.
@@ -51,6 +52,7 @@ RESULTS = Path(__file__).parent / "results" / "relay.json"
 REPOSITORY = Path(__file__).resolve().parents[1]
 EVENT_BYTES = 200
 LAG_TICK_SECONDS = 0.01
+WARM_UP_SECONDS = 1.0
 
 # One statement, as the broker's group commit: insert, then notify each command.
 INSERT_EVENTS = """
@@ -265,10 +267,13 @@ async def measure_lag(
             next_sequence = dict.fromkeys(command_ids, 0)
             await wait_ready(process)
 
-            # Store at a steady pace: a small transaction every tick.
+            # Store at a steady pace: a small transaction every tick. The
+            # first second warms connections and caches and is not counted.
             per_tick = max(1, round(options.rate * LAG_TICK_SECONDS))
-            ticks = int(options.lag_seconds / LAG_TICK_SECONDS)
+            ticks = int((options.lag_seconds + WARM_UP_SECONDS) / LAG_TICK_SECONDS)
+            warm_ticks = int(WARM_UP_SECONDS / LAG_TICK_SECONDS)
             started = time.monotonic()
+            measured_from = time.time() + WARM_UP_SECONDS
             for tick in range(ticks):
                 await store_round_robin(
                     connection, command_ids, next_sequence, per_tick
@@ -276,7 +281,7 @@ async def measure_lag(
                 pause = started + (tick + 1) * LAG_TICK_SECONDS - time.monotonic()
                 if pause > 0:
                     await asyncio.sleep(pause)
-            stored_seconds = time.monotonic() - started
+            stored_seconds = time.monotonic() - started - WARM_UP_SECONDS
             await wait_for_count(sink, per_tick * ticks, deadline_seconds=120)
         finally:
             await asyncio.to_thread(stop_relay, process)
@@ -286,12 +291,12 @@ async def measure_lag(
         (request.arrived_at - event.stored_at.timestamp()) * 1000
         for request in sink.requests
         for event in request.events
-        if event.stored_at is not None
+        if event.stored_at is not None and event.stored_at.timestamp() >= measured_from
     )
     quantiles = statistics.quantiles(lags_ms, n=100)
     return {
         "commands": commands,
-        "achieved_events_per_second": per_tick * ticks / stored_seconds,
+        "achieved_events_per_second": per_tick * (ticks - warm_ticks) / stored_seconds,
         "events": len(lags_ms),
         "p50_ms": quantiles[49],
         "p99_ms": quantiles[98],

@@ -9,8 +9,9 @@ One run, on this machine:
    (a minimal broker stand-in in its own process, so that the runner, not
    Postgres, is what is measured; ``bench.ingest`` measures the broker) and
    samples the runner's resident memory every 0.2 s until the spool is empty;
-3. reports the peak and final RSS and the send throughput, in events/s and
-   MB/s of output data, from the first acknowledgement to the last.
+3. reports the peak and final RSS, the runner's CPU time, and the send
+   throughput in events/s and MB/s of output data, from the first
+   acknowledgement to the last.
 
 Run: ``.venv/bin/python -m bench.runner_spool`` (defaults: 1024 MiB of
 64 KiB events), and ``--backlog-mib 64 --event-bytes 256`` for many small
@@ -170,6 +171,7 @@ def drain(
             if runner.poll() is not None:
                 raise RuntimeError(f"the runner exited; see {workdir / 'runner.log'}")
             time.sleep(SAMPLE_SECONDS)
+        cpu = process.cpu_times()
     finally:
         runner.terminate()
         runner.wait(30)
@@ -182,6 +184,7 @@ def drain(
         "rss_peak_mib": round(max(rss for _, rss, _ in samples), 1),
         "rss_with_backlog_mib": round(max(rss_with_backlog or [0.0]), 1),
         "rss_last_mib": round(samples[-1][1], 1),
+        "runner_cpu_seconds": round(cpu.user + cpu.system, 2),
         "samples": len(samples),
     }
 

@@ -242,36 +242,21 @@ class Spool:
                     event_id = str(uuid.uuid4())
                     payload_text = None if payload is None else json.dumps(payload)
                     size = len(data) + len(payload_text or "") + ROW_OVERHEAD_BYTES
-                    cursor.execute(
-                        queries.insert_event,
-                        (
-                            command_key,
-                            sequence,
-                            event_id,
-                            kind,
-                            stream,
-                            data,
-                            payload_text,
-                            emitted_at,
-                            size,
-                        ),
+                    values = (
+                        command_key,
+                        sequence,
+                        event_id,
+                        kind,
+                        stream,
+                        data,
+                        payload_text,
+                        emitted_at,
+                        size,
                     )
+                    cursor.execute(queries.insert_event, values)
                     row = cursor.lastrowid
                     assert row is not None
-                    appended.append(
-                        SpooledEvent(
-                            row,
-                            command_key,
-                            sequence,
-                            event_id,
-                            kind,
-                            stream,
-                            data,
-                            payload_text,
-                            emitted_at,
-                            size,
-                        )
-                    )
+                    appended.append(SpooledEvent(row, *values))
                     if stream in stream_bytes:
                         stream_bytes[stream] += len(data)
                     sequence += 1

@@ -166,7 +166,10 @@ async def run_ingest(
 
     if stored != workload.events_total:
         raise RuntimeError(f"{stored} of {workload.events_total} events stored")
-    notes = f"{connections} runner connections, {brokers} broker(s)"
+    notes = (
+        f"{connections} wire-client runners, {brokers} broker(s), "
+        "per-connection rate limit lifted"
+    )
     if relays:
         notes += (
             f", {relays} relays delivering; all delivered {delivered_after:.1f} s"

@@ -45,7 +45,7 @@ class _SettledHandler:
         self.spool = spool
         self.drained = drained
 
-    def broker_said_hello(self, hello: wire.Hello) -> None:
+    def link_connected(self, limits: wire.Limits) -> None:
         return None
 
     def command_received(self, message: wire.CommandMessage) -> None:

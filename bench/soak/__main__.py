@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,8 @@ log = get_logger("soak")
 CHILD = Path(__file__).resolve().parent / "child.py"
 COMMANDS_PER_RUNNER = 2
 POLL_SECONDS = 0.5
+# No event stored for this long, with commands waiting, means the run is stuck.
+STALL_SECONDS = 90.0
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class Plan:
 
 
 FULL = Plan(1_000_000, 20, 1200, 300, (3, 10), (500, 3000), 8)
-CI = Plan(20_000, 4, 60, 90, (2, 5), (100, 600), 8)
+CI = Plan(20_000, 4, 90, 90, (1, 3), (100, 600), 8)
 
 
 def estimated_events(lines: int) -> int:
@@ -60,26 +65,57 @@ def estimated_events(lines: int) -> int:
 
 
 async def drive(
-    cluster: Cluster, plan: Plan, chooser: random.Random, deadline: float
-) -> list[Submitted]:
-    """Keep every runner busy until the events are submitted or time is up."""
-    assert cluster.pool is not None
+    cluster: Cluster,
+    plan: Plan,
+    chooser: random.Random,
+    deadline: float,
+    every_fault_seen: Callable[[], bool],
+) -> tuple[list[Submitted], bool]:
+    """Keep every runner busy until the events are submitted or time is up.
+
+    The load also goes on, within the time, until every kind of fault has
+    struck at least once, so a short run still meets all of them.
+
+    Returns the commands submitted, and whether the run stalled: no event
+    stored for ``STALL_SECONDS`` while commands were waiting.
+    """
     submitted: list[Submitted] = []
     active: dict[uuid.UUID, list[Submitted]] = {r.id: [] for r in cluster.runners}
     planned = 0
     seed = plan.seed * 1_000_000
+    inserted = -1
+    progressed_at = time.monotonic()
 
-    while planned < plan.events and time.monotonic() < deadline:
+    while (planned < plan.events or not every_fault_seen()) and (
+        time.monotonic() < deadline
+    ):
+        # Past the target, the runners stay busy until every fault has struck.
+        target = plan.events if every_fault_seen() else math.inf
         running = [c.id for group in active.values() for c in group]
         try:
             planned, seed = await _top_up(
-                cluster, plan, chooser, active, submitted, running, planned, seed
+                cluster,
+                plan,
+                chooser,
+                active,
+                submitted,
+                running,
+                planned,
+                target,
+                seed,
             )
+            assert cluster.pool is not None
+            now_inserted = await cluster.pool.fetchval(queries.events_inserted)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             # Postgres may be restarting (a fault); try again shortly.
             log.warning("soak.submit_retry", error=str(error))
+        else:
+            if now_inserted != inserted:
+                inserted, progressed_at = now_inserted, time.monotonic()
+            elif time.monotonic() - progressed_at > STALL_SECONDS:
+                return submitted, True
         await asyncio.sleep(POLL_SECONDS)
-    return submitted
+    return submitted, False
 
 
 async def _top_up(
@@ -90,6 +126,7 @@ async def _top_up(
     submitted: list[Submitted],
     running: list[uuid.UUID],
     planned: int,
+    target: float,
     seed: int,
 ) -> tuple[int, int]:
     assert cluster.pool is not None
@@ -100,7 +137,7 @@ async def _top_up(
         }
         for runner_id, group in active.items():
             group[:] = [c for c in group if states.get(c.id) not in FINAL_STATUSES]
-            while len(group) < COMMANDS_PER_RUNNER and planned < plan.events:
+            while len(group) < COMMANDS_PER_RUNNER and planned < target:
                 seed += 1
                 lines = chooser.randint(*plan.lines)
                 argv = [sys.executable, str(CHILD), str(seed), str(lines)]
@@ -146,7 +183,11 @@ async def audit(cluster: Cluster) -> tuple[int, str]:
 
 
 def print_table(
-    injector: FaultInjector, verdict: Verdict, audit_code: int, seconds: float
+    injector: FaultInjector,
+    verdict: Verdict,
+    audit_code: int,
+    stalled: bool,
+    seconds: float,
 ) -> None:
     """The faults injected and what was lost, as the issue asks."""
     print(f"\n{'fault':<32} {'injected':>8} {'failed':>7}")
@@ -170,6 +211,7 @@ def print_table(
         ("events refused", verdict.refused),
         ("gaps recorded by the relay", verdict.gaps_recorded),
         ("runledger audit exit code", audit_code),
+        ("stalled (no progress for 90 s)", stalled),
         ("seconds", round(seconds)),
     ]
     print(f"\n{'check':<34} value")
@@ -184,6 +226,11 @@ async def soak(plan: Plan, workdir: Path) -> int:
     cluster = Cluster(workdir, plan.runners)
     started = time.monotonic()
     injector = FaultInjector(cluster, chooser, *plan.fault_gap)
+    faults: asyncio.Task[None] | None = None
+    # SIGTERM ends the soak like Ctrl-C: through the cleanup below.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     try:
         await cluster.start()
         print(
@@ -193,28 +240,48 @@ async def soak(plan: Plan, workdir: Path) -> int:
             flush=True,
         )
         faults = asyncio.create_task(injector.run())
-        submitted = await drive(cluster, plan, chooser, time.monotonic() + plan.seconds)
-        # Faults carry on while the last commands run, then stop for the drain.
-        await drain(cluster, submitted, plan.seconds / 4)
+        submitted, stalled = await drive(
+            cluster,
+            plan,
+            chooser,
+            time.monotonic() + plan.seconds,
+            injector.every_kind_struck,
+        )
+        if stalled:
+            print(
+                f"soak: STALLED: no event stored for {STALL_SECONDS:.0f} s",
+                file=sys.stderr,
+            )
+        else:
+            # Faults carry on while the last commands run, then stop.
+            await drain(cluster, submitted, plan.seconds / 4)
         injector.stop()
         await asyncio.wait_for(faults, 60)
-        drained = await drain(cluster, submitted, plan.drain_seconds)
+        drained = await drain(
+            cluster, submitted, STALL_SECONDS if stalled else plan.drain_seconds
+        )
         if not drained:
             print("soak: the drain did not finish in time", file=sys.stderr)
         audit_code, audit_output = await audit(cluster)
         (workdir / "audit.txt").write_text(audit_output)
-        (workdir / "faults.txt").write_text("\n".join(injector.timeline) + "\n")
         assert cluster.pool is not None
         verdict = await check(cluster.pool, submitted)
     finally:
+        # No fault may restart a process once the cluster is going down.
+        injector.stop()
+        if faults is not None and not faults.done():
+            faults.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await faults
+        (workdir / "faults.txt").write_text("\n".join(injector.timeline) + "\n")
         await cluster.stop()
 
-    print_table(injector, verdict, audit_code, time.monotonic() - started)
+    print_table(injector, verdict, audit_code, stalled, time.monotonic() - started)
     for problem in verdict.problems[:20]:
         print(f"problem: {problem}")
     if audit_code != 0:
         print(audit_output[-3000:])
-    passed = verdict.clean and audit_code == 0 and not injector.failed
+    passed = verdict.clean and audit_code == 0 and not injector.failed and not stalled
     print(f"\nsoak: {'PASS' if passed else 'FAIL'}: {verdict.events_lost} events lost")
     return 0 if passed else 1
 

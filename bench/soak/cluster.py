@@ -26,8 +26,11 @@ import asyncpg
 
 from bench.soak.proxy import SinkProxy, TcpProxy
 from core.embedded import start_embedded_postgres
+from core.logging import get_logger
 from core.migrate import upgrade
 from core.tokens import hash_token, new_token
+
+log = get_logger("soak")
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_SECONDS = 60.0
@@ -261,15 +264,14 @@ class Cluster:
             user=owner if os.geteuid() == 0 else None,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             check=True,
             timeout=90,
         )
 
     async def stop(self) -> None:
         """Stop every process, the proxies and Postgres (its data is kept)."""
-        for runner in self.runners:
-            await runner.process.stop()
+        await asyncio.gather(*(runner.process.stop() for runner in self.runners))
         for process in (self.relay, self.broker, self.web):
             if process is not None:
                 await process.stop()
@@ -278,6 +280,19 @@ class Cluster:
                 await proxy.stop()
         if self.pool is not None:
             await self.pool.close()
-        if (self.pgdata / "postmaster.pid").exists():
-            with contextlib.suppress(subprocess.SubprocessError, OSError):
-                await self._pg_ctl("stop", "-m", "fast")
+        await self._stop_postgres()
+
+    async def _stop_postgres(self) -> None:
+        pid_file = self.pgdata / "postmaster.pid"
+        if not pid_file.exists():
+            return
+        try:
+            await self._pg_ctl("stop", "-m", "fast")
+            return
+        except (subprocess.SubprocessError, OSError) as error:
+            log.warning("soak.pg_ctl_failed", error=str(error))
+
+        # pg_ctl could not reach the folder: SIGINT is a fast shutdown too.
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            postmaster = int(pid_file.read_text().split()[0])
+            os.kill(postmaster, signal.SIGINT)

@@ -120,11 +120,16 @@ class FaultInjector:
                 outcome = "done"
             except Exception as error:
                 self.failed[name] += 1
-                outcome = f"failed: {error}"
+                detail = getattr(error, "stderr", None) or b""
+                outcome = f"failed: {error} {detail.decode(errors='replace').strip()}"
                 log.error("soak.fault_failed", fault=name, error=str(error))
             self.timeline.append(
                 f"{began} {name} ({time.monotonic() - started:.1f} s) {outcome}"
             )
+
+    def every_kind_struck(self) -> bool:
+        """Whether each kind of fault was tried at least once."""
+        return all(self.injected[name] + self.failed[name] for name in FAULTS)
 
     def stop(self) -> None:
         self._stopping.set()

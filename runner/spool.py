@@ -20,6 +20,7 @@ the daemon calls it from its event loop.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import time
@@ -27,7 +28,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from core.database import Queries
 from core.errors import SpoolError
@@ -114,6 +115,7 @@ class Spool:
         self, connection: sqlite3.Connection, path: Path, bytes_limit: int
     ) -> None:
         self._connection = connection
+        self._owner_lock: IO[bytes] | None = None
         self.path = path
         self.bytes_limit = bytes_limit
         self.spooled_bytes, self.spooled_count = self._connection.execute(
@@ -124,17 +126,39 @@ class Spool:
     def open(
         cls, path: Path, bytes_limit: int, *, synchronous: str = "NORMAL"
     ) -> Spool:
-        """Open (creating if needed) the spool at ``path``; raises SpoolError."""
+        """Open (creating if needed) the spool at ``path`` for this process alone.
+
+        Two runners on one spool would send the same events; the second is
+        refused. Raises SpoolError naming the path and what is wrong.
+        """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            owner_lock = _take_owner_lock(path)
+        except OSError as error:
+            raise SpoolError(f"cannot open the spool at {path}: {error}") from error
+        try:
             connection = sqlite3.connect(path, isolation_level=None)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(f"PRAGMA synchronous={synchronous.upper()}")
             connection.execute("PRAGMA busy_timeout=5000")
             connection.executescript(queries.create_schema)
         except (OSError, sqlite3.Error) as error:
+            owner_lock.close()
             raise SpoolError(f"cannot open the spool at {path}: {error}") from error
-        return cls(connection, path, bytes_limit)
+        spool = cls(connection, path, bytes_limit)
+        spool._owner_lock = owner_lock
+        return spool
+
+    @staticmethod
+    def in_use(path: Path) -> bool:
+        """Whether a running runner holds the spool at ``path``."""
+        try:
+            _take_owner_lock(path).close()
+        except SpoolError:
+            return True
+        except OSError:
+            return False
+        return False
 
     @classmethod
     def open_read_only(cls, path: Path) -> Spool:
@@ -156,6 +180,9 @@ class Spool:
     def close(self) -> None:
         """Close the file; everything written so far is already committed."""
         self._connection.close()
+        if self._owner_lock is not None:
+            self._owner_lock.close()
+            self._owner_lock = None
 
     # Budget
 
@@ -418,6 +445,24 @@ class Spool:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._connection)
+
+
+def _take_owner_lock(path: Path) -> IO[bytes]:
+    """An exclusive lock on ``<spool>.lock``, held while the file stays open.
+
+    Raises SpoolError if another process holds it, OSError if it cannot be
+    created.
+    """
+    lock_file = path.with_name(path.name + ".lock").open("ab")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise SpoolError(
+            f"another runner is using the spool at {path}; stop it, or give "
+            "this one its own spool with --spool"
+        ) from None
+    return lock_file
 
 
 class _Transaction:

@@ -52,16 +52,26 @@ def offline_report(path: Path, refused_shown: int = 5) -> str:
     Raises SpoolError when there is no readable spool there.
     """
     spool = Spool.open_read_only(path)
+    running_now = Spool.in_use(path)
     try:
         state = offline_state(spool)
         refused = spool.refused_events(refused_shown)
     finally:
         spool.close()
 
-    lines = [
-        f"spool: {path}",
-        "connected: no (the runner is not running)",
-        f"running: {state.running} (commands that will be reported lost on start)",
+    lines = [f"spool: {path}"]
+    if running_now:
+        lines += [
+            "a runner is using this spool now: its own status line has the live "
+            "figures; these are read from the file",
+            f"running: {state.running}",
+        ]
+    else:
+        lines += [
+            "connected: no (the runner is not running)",
+            f"running: {state.running} (commands that will be reported lost on start)",
+        ]
+    lines += [
         f"spooled: {state.spooled} events, {human_bytes(state.spooled_bytes)}",
         f"unacknowledged: {state.unacknowledged}",
         f"refused: {state.refused}",

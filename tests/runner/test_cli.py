@@ -136,3 +136,19 @@ def test_status_line_wording() -> None:
     assert line == (
         "disconnected | running 2 | spooled 10 (2.0 KiB) | unacknowledged 3 | refused 1"
     )
+
+
+def test_status_says_when_a_runner_holds_the_spool(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`runner --status` on a spool in use says a runner is running on it."""
+    path = tmp_path / "spool.sqlite3"
+    spool = Spool.open(path, bytes_limit=1_000_000)
+    try:
+        args = parse("runner", "--status", "--spool", str(path))
+        assert args.handler(args) == 0
+    finally:
+        spool.close()
+    printed = capsys.readouterr().out
+    assert "a runner is using this spool now" in printed
+    assert "connected: no" not in printed

@@ -143,3 +143,15 @@ def test_a_spool_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
         Spool.open(blocker / "spool.sqlite3", bytes_limit=1000)
     with pytest.raises(SpoolError, match="no spool"):
         Spool.open_read_only(tmp_path / "missing.sqlite3")
+
+
+def test_one_spool_serves_one_runner(tmp_path: Path) -> None:
+    """A second open of a spool in use is refused; it is free again once closed."""
+    path = tmp_path / "spool.sqlite3"
+    first = Spool.open(path, bytes_limit=1000)
+    assert Spool.in_use(path)
+    with pytest.raises(SpoolError, match="another runner is using the spool"):
+        Spool.open(path, bytes_limit=1000)
+    first.close()
+    assert not Spool.in_use(path)
+    Spool.open(path, bytes_limit=1000).close()

@@ -3,7 +3,12 @@
 Sessions put checked frames on a bounded queue (a full queue stops them
 reading their sockets, which is the backpressure). The writer takes as many
 frames as are waiting, up to ``commit_max_events``, and stores them with one
-statement, which is its own transaction (one round trip to Postgres):
+statement, which is its own transaction (one round trip to Postgres). It
+keeps up to ``commits_in_flight`` such transactions running, never two
+with events of the same command, so each command's events commit in order.
+What the broker holds is bounded: the transactions in flight, the frames
+held back behind them and the queue (each at most ``ingest_queue_frames``),
+and one frame per connection waiting for room. Each transaction:
 
 - the runners' rows are locked ``FOR SHARE`` and their connection epochs
   compared, so a write from a fenced connection never commits after the
@@ -26,7 +31,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +66,8 @@ _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 _RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+# The writer's wait for the next frame, a task that lives as long as the broker.
+WAITING_TASK_NAME = "broker-writer-wait"
 
 
 @dataclass
@@ -184,23 +191,86 @@ class IngestWriter:
         metrics.INGEST_QUEUE_FRAMES.set(self._queue.qsize())
 
     async def _run(self) -> None:
+        """Form batches and commit them, up to ``commits_in_flight`` at once.
+
+        A frame joins a batch only when no transaction in flight holds an
+        event of its commands, so each command's events commit one
+        transaction after another: the highest sequence read before a batch
+        includes every earlier batch of that command, and legacy numbering
+        cannot race. Frames held back keep their order.
+        """
+        in_flight: dict[asyncio.Task[None], set[uuid.UUID]] = {}
+        held: deque[Submission] = deque()
         while True:
-            batch = await self._next_batch()
-            try:
-                await self._commit_with_retries(batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-                metrics.INGEST_QUEUE_FRAMES.set(self._queue.qsize())
+            if len(in_flight) >= self._settings.commits_in_flight:
+                await self._finish_one(in_flight)
+                continue
 
-    async def _next_batch(self) -> list[Submission]:
-        """Every waiting frame up to the event limit, waiting briefly if few."""
-        first = await self._queue.get()
-        batch = [first]
-        events = len(first.events)
+            busy = set().union(*in_flight.values())
+            batch = self._take_ready(held, busy)
+            if not batch:
+                await self._wait_for_work(in_flight, held)
+                continue
+            await self._fill_batch(batch, held, busy)
+
+            commands = {event.command_id for s in batch for event in s.events}
+            task = asyncio.create_task(
+                self._commit_and_settle(batch), name="broker-commit"
+            )
+            in_flight[task] = commands
+
+    async def _finish_one(self, in_flight: dict[asyncio.Task[None], Any]) -> None:
+        done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            del in_flight[task]
+            task.result()
+
+    def _take_ready(
+        self, held: deque[Submission], busy: set[uuid.UUID]
+    ) -> list[Submission]:
+        """Held frames whose commands no transaction in flight holds, in order."""
+        ready: list[Submission] = []
+        for _ in range(len(held)):
+            submission = held.popleft()
+            if _commands(submission) & busy:
+                held.append(submission)
+            else:
+                ready.append(submission)
+        return ready
+
+    async def _wait_for_work(
+        self, in_flight: dict[asyncio.Task[None], Any], held: deque[Submission]
+    ) -> None:
+        """Wait for a frame, or for a commit that frees held frames."""
+        if len(held) >= self._settings.ingest_queue_frames or (
+            held and self._queue.empty() and in_flight
+        ):
+            await self._finish_one(in_flight)
+            return
+        getting = asyncio.create_task(self._queue.get(), name=WAITING_TASK_NAME)
+        waiting: set[asyncio.Future[Any]] = {getting, *in_flight}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for task in [task for task in in_flight if task in done]:
+            del in_flight[task]
+            task.result()
+        if getting.done():
+            held.append(getting.result())
+        else:
+            getting.cancel()
+            # A frame taken just as the wait was cancelled must not be lost.
+            with contextlib.suppress(asyncio.CancelledError):
+                held.append(await getting)
+
+    async def _fill_batch(
+        self, batch: list[Submission], held: deque[Submission], busy: set[uuid.UUID]
+    ) -> None:
+        """Add waiting frames up to the event limit, waiting briefly if few."""
+        events = sum(len(submission.events) for submission in batch)
         deadline = time.perf_counter() + self._settings.commit_window_seconds
-
-        while events < self._settings.commit_max_events:
+        while (
+            events < self._settings.commit_max_events
+            and len(held) < self._settings.ingest_queue_frames
+        ):
             if self._queue.empty():
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0 or self._stopping:
@@ -211,9 +281,27 @@ class IngestWriter:
                     break
             else:
                 submission = self._queue.get_nowait()
+            if _commands(submission) & busy:
+                held.append(submission)
+                continue
             batch.append(submission)
             events += len(submission.events)
-        return batch
+
+    async def _commit_and_settle(self, batch: list[Submission]) -> None:
+        try:
+            await self._commit_with_retries(batch)
+        except Exception:
+            # A fault of the broker itself: say so, and keep the writer going.
+            log.exception("broker.commit_crashed", frames=len(batch))
+            for submission in batch:
+                if not submission.outcome.done():
+                    submission.outcome.set_exception(
+                        DatabaseError("the broker could not store these events")
+                    )
+        finally:
+            for _ in batch:
+                self._queue.task_done()
+            metrics.INGEST_QUEUE_FRAMES.set(self._queue.qsize())
 
     async def _commit_with_retries(self, batch: list[Submission]) -> None:
         """Commit ``batch``; retry transient failures, isolate the others.
@@ -284,6 +372,10 @@ class IngestWriter:
             stored=len(stored.positions),
             seconds=round(committed - started, 6),
         )
+
+
+def _commands(submission: Submission) -> set[uuid.UUID]:
+    return {event.command_id for event in submission.events}
 
 
 async def _number_legacy_events(

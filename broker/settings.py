@@ -62,6 +62,11 @@ class BrokerSettings:
         0.001,
         "How long the writer waits for more events when a batch is small.",
     )
+    commits_in_flight: int = setting(
+        2,
+        "Group-commit transactions the writer keeps running at once (on as "
+        "many connections); each command's events still commit in order.",
+    )
     ingest_queue_frames: int = setting(
         512,
         "Frames waiting for the writer, over all connections; when full, "
@@ -108,7 +113,11 @@ class BrokerSettings:
         for field in fields(self):
             value = getattr(self, field.name)
             positive = field.name.startswith(("max_", "commit_max", "ingest_"))
-            positive |= field.name in ("session_frames_in_flight", "database_pool_size")
+            positive |= field.name in (
+                "session_frames_in_flight",
+                "database_pool_size",
+                "commits_in_flight",
+            )
             if positive and (not isinstance(value, int) or value < 1):
                 raise ConfigurationError(
                     f"{field.name} must be a positive integer, got {value!r}"

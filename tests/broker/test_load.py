@@ -8,6 +8,7 @@ import uuid
 import asyncpg
 import pytest
 
+from broker.ingest import WAITING_TASK_NAME
 from broker.server import BrokerServer
 from core.tokens import hash_token, new_token
 from tests.broker.wire_client import WireRunner, output_event, poll_until
@@ -43,7 +44,12 @@ async def register_runners_with_commands(
 
 
 async def background_tasks() -> set[asyncio.Task[object]]:
-    return {task for task in asyncio.all_tasks() if task is not asyncio.current_task()}
+    """Every task but this one and the writer's standing wait for frames."""
+    return {
+        task
+        for task in asyncio.all_tasks()
+        if task is not asyncio.current_task() and task.get_name() != WAITING_TASK_NAME
+    }
 
 
 @pytest.mark.slow

@@ -201,6 +201,17 @@ class IngestWriter:
         """
         in_flight: dict[asyncio.Task[None], set[uuid.UUID]] = {}
         held: deque[Submission] = deque()
+        try:
+            await self._schedule(in_flight, held)
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    async def _schedule(
+        self,
+        in_flight: dict[asyncio.Task[None], set[uuid.UUID]],
+        held: deque[Submission],
+    ) -> None:
         while True:
             if len(in_flight) >= self._settings.commits_in_flight:
                 await self._finish_one(in_flight)
@@ -249,7 +260,11 @@ class IngestWriter:
             return
         getting = asyncio.create_task(self._queue.get(), name=WAITING_TASK_NAME)
         waiting: set[asyncio.Future[Any]] = {getting, *in_flight}
-        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            getting.cancel()
+            raise
         for task in [task for task in in_flight if task in done]:
             del in_flight[task]
             task.result()

@@ -236,9 +236,8 @@ class IngestWriter:
             del in_flight[task]
             task.result()
 
-    def _take_ready(
-        self, held: deque[Submission], busy: set[uuid.UUID]
-    ) -> list[Submission]:
+    @staticmethod
+    def _take_ready(held: deque[Submission], busy: set[uuid.UUID]) -> list[Submission]:
         """Held frames whose commands no transaction in flight holds, in order."""
         ready: list[Submission] = []
         for _ in range(len(held)):

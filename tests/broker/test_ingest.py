@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 
 import asyncpg
 
-from broker.ingest import sequence_anomalies
+from broker.frames import PendingEvent
+from broker.ingest import IngestWriter, Submission, sequence_anomalies
 from broker.server import BrokerServer
 from core import wire
 from tests.broker.conftest import RunnerWithCommand, StartBroker
@@ -256,3 +258,26 @@ async def test_a_revoked_runner_stores_nothing_more(
 
     assert [error.code for error in runner.errors] == ["fenced"]
     assert await stored_events(pool, alpha.command_id) == []
+
+
+async def test_frames_of_a_command_being_committed_wait_in_order() -> None:
+    """The writer sets aside frames whose command is in flight, keeping their order."""
+    command_x, command_y = uuid.uuid4(), uuid.uuid4()
+
+    def frame_of(command_id: uuid.UUID) -> Submission:
+        event = PendingEvent(
+            command_id, "output", uuid.uuid4(), 1, "stdout", b"", None, None
+        )
+        return Submission(runner_id=uuid.uuid4(), connection_epoch=1, events=[event])
+
+    first_x, only_y, second_x = (
+        frame_of(command_x),
+        frame_of(command_y),
+        frame_of(command_x),
+    )
+    held = deque([first_x, only_y, second_x])
+
+    ready = IngestWriter._take_ready(held, {command_x})
+
+    assert ready == [only_y]
+    assert list(held) == [first_x, second_x]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import time
@@ -68,6 +69,8 @@ class Claim:
     has_skipped_gaps: bool
     # The events after the cursor, read in the same round trip as the claim.
     next_events: list[asyncpg.Record] = field(default_factory=list)
+    # When the lease was taken, on the monotonic clock.
+    claimed_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -317,7 +320,9 @@ class Relay:
     # Workers
 
     async def _work(self, number: int) -> None:
-        owner = f"{self.relay_id}/{number}"
+        # Each claim gets its own owner name, so an outcome recorded late can
+        # never release a later lease on the same command.
+        claims = itertools.count(1)
         failures = 0
         # The outcome of the previous delivery is written while the next claim
         # runs; the lease keeps everyone else off that command meanwhile.
@@ -330,6 +335,7 @@ class Relay:
                 continue
 
             try:
+                owner = f"{self.relay_id}/{number}/{next(claims)}"
                 claim = await self._claim(owner)
                 if recording is not None:
                     await recording
@@ -374,6 +380,7 @@ class Relay:
             return None
         row = rows[0]
         return Claim(
+            claimed_at=time.monotonic(),
             command_id=row["command_id"],
             delivered_through=row["delivered_through"],
             attempts=row["attempts"],
@@ -390,7 +397,7 @@ class Relay:
         """Send the claimed command's next batch; return the task recording it."""
         assert self._pool is not None
         settings = self.settings
-        claimed_at = time.monotonic()
+        claimed_at = claim.claimed_at
         self._set_busy(+1)
         recording: asyncio.Task[None] | None = None
         try:
@@ -438,15 +445,38 @@ class Relay:
     async def _record_and_release(
         self, owner: str, claim: Claim, batch: Batch, outcome: Outcome
     ) -> None:
-        """Record an outcome; on failure the lease expires and the batch is resent."""
+        """Record an outcome, trying again while the lease lasts.
+
+        Recording is safe to repeat: every statement is conditioned on this
+        claim's lease. If it never succeeds the lease expires and the batch is
+        resent under the same delivery id, which the sink drops.
+        """
+        deadline = (
+            claim.claimed_at + self.settings.relay_lease_duration - LEASE_SAFETY_SECONDS
+        )
+        failures = 0
         try:
-            await self._record(owner, claim, batch, outcome)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
-            log.warning(
-                "relay.record_failed",
-                command_id=str(claim.command_id),
-                error=f"{type(error).__name__}: {error}",
-            )
+            while True:
+                try:
+                    await self._record(owner, claim, batch, outcome)
+                    return
+                except (
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                    OSError,
+                ) as error:
+                    failures += 1
+                    delay = backoff_delay(failures, 0.05, 2.0)
+                    given_up = time.monotonic() + delay > deadline
+                    log.warning(
+                        "relay.record_failed",
+                        command_id=str(claim.command_id),
+                        error=f"{type(error).__name__}: {error}",
+                        retrying=not given_up,
+                    )
+                    if given_up:
+                        return
+                    await asyncio.sleep(delay)
         except Exception:
             log.exception("relay.record_failed", command_id=str(claim.command_id))
         finally:

@@ -320,3 +320,26 @@ async def test_a_stopped_relay_gives_its_commands_back(
         hanging = False
         async with running_relay(database_url, sink):
             await wait_until(lambda: len(sink.applied) == 3, within=10)
+
+
+async def test_the_relay_survives_losing_all_its_connections(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """Every relay backend terminated at once: the relay reconnects and goes on."""
+    command_id = await new_command(pool)
+    async with running_sink() as sink, running_relay(database_url, sink):
+        await store_events(pool, command_id, range(1, 11))
+        await wait_until(lambda: len(sink.applied) == 10, within=30)
+
+        # The test's own pooled connections go too; the pool replaces them.
+        terminated = await pool.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert terminated >= 2
+        await asyncio.sleep(0.2)
+
+        await store_events(pool, command_id, range(11, 21))
+        await wait_until(lambda: len(sink.applied) == 20, within=30)
+
+    assert sink.applied_sequences(command_id) == list(range(1, 21))

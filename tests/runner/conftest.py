@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from core import wire
 from core.settings import load_settings
 from runner.daemon import Runner
 from runner.settings import RunnerSettings
+from tests.runner.stack import BrokerProcess, free_port
 
 STAND_IN_TOKEN = "rlr_stand-in-token"
 
@@ -216,6 +217,16 @@ def runner_settings(
     }
     values.update(overrides)
     return load_settings(RunnerSettings, values, environ={})
+
+
+@pytest.fixture
+def broker_process(database_url: str, tmp_path: Path) -> Iterator[BrokerProcess]:
+    """A real broker process on a fixed free port; killed after the test."""
+    process = BrokerProcess(database_url, free_port(), tmp_path / "broker.log")
+    try:
+        yield process
+    finally:
+        process.kill()
 
 
 @pytest.fixture

@@ -23,6 +23,9 @@ from typing import Any, cast
 
 import asyncpg
 
+from core.settings import load_settings
+from runner.settings import RunnerSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -46,6 +49,25 @@ async def poll(
             if value:
                 return value
             await asyncio.sleep(every)
+
+
+def fast_settings(
+    broker_url: str, token: str, spool: Path, **overrides: Any
+) -> RunnerSettings:
+    """Runner settings with short timeouts, for an in-process runner."""
+    values: dict[str, Any] = {
+        "broker_url": broker_url,
+        "token": token,
+        "spool_path": spool,
+        "reconnect_initial": 0.2,
+        "reconnect_max": 1.0,
+        "ping_interval": 1.0,
+        "ping_timeout": 2.0,
+        "acknowledge_timeout": 5.0,
+        "compression": False,
+    }
+    values.update(overrides)
+    return load_settings(RunnerSettings, values, environ={})
 
 
 class RunledgerProcess:

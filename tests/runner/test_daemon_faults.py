@@ -21,15 +21,13 @@ import asyncpg
 import psutil
 import pytest
 
-from core.settings import load_settings
 from runner.daemon import Runner
-from runner.settings import RunnerSettings
 from tests.conftest import create_command, register_runner
 from tests.runner.stack import (
     BrokerProcess,
     RunnerProcess,
     TcpProxy,
-    free_port,
+    fast_settings,
     poll,
     process_gone,
     stored_count,
@@ -39,23 +37,6 @@ from tests.runner.stack import (
 pytestmark = pytest.mark.slow
 
 MIB = 1024 * 1024
-
-
-def fast_settings(broker_url: str, token: str, spool: Path, **overrides: Any) -> Any:
-    """Runner settings with short timeouts, for an in-process runner."""
-    values: dict[str, Any] = {
-        "broker_url": broker_url,
-        "token": token,
-        "spool_path": spool,
-        "reconnect_initial": 0.2,
-        "reconnect_max": 1.0,
-        "ping_interval": 1.0,
-        "ping_timeout": 2.0,
-        "acknowledge_timeout": 5.0,
-        "compression": False,
-    }
-    values.update(overrides)
-    return load_settings(RunnerSettings, values, environ={})
 
 
 def assert_complete_log(
@@ -73,14 +54,6 @@ def assert_complete_log(
     assert stderr == expected_stderr
     streams = events[-1]["payload"]["streams"]
     assert streams["stdout"]["sha256"] == hashlib.sha256(expected_stdout).hexdigest()
-
-
-@pytest.fixture
-def broker_process(database_url: str, tmp_path: Path) -> Any:
-    """A broker process on a fixed free port; stopped after the test."""
-    broker = BrokerProcess(database_url, free_port(), tmp_path / "broker.log")
-    yield broker
-    broker.kill()
 
 
 # 50,000 lines of exactly 64 bytes, written as fast as the pipe takes them.

@@ -59,8 +59,9 @@ class BrokerSettings:
         4000, "Most events the writer commits in one transaction."
     )
     commit_window_seconds: float = setting(
-        0.001,
-        "How long the writer waits for more events when a batch is small.",
+        0.0,
+        "How long the writer waits for more events when a batch is small; 0 "
+        "commits at once, and frames arriving meanwhile form the next batch.",
     )
     commits_in_flight: int = setting(
         2,

@@ -42,7 +42,7 @@ class RelaySettings:
     )
     relay_request_timeout: float = setting(10.0, "seconds one delivery may take")
     relay_lease_duration: float = setting(
-        60.0, "seconds a worker holds a command it claimed before others may take it"
+        30.0, "seconds a worker holds a command it claimed before others may take it"
     )
     relay_gap_hold: float = setting(
         30.0, "seconds to wait for a missing sequence before skipping it as a gap"

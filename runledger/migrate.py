@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core import migrate as migrations
 from runledger.database import resolve_database_url
 
 
 def _run(args: argparse.Namespace) -> int:
+    # alembic and SQLAlchemy load only for the commands that migrate.
+    from core import migrate as migrations
+
     url = resolve_database_url()
     migrations.upgrade(url, args.revision)
     print(f"runledger: schema is at revision {args.revision}", file=sys.stderr)

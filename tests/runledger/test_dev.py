@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
-from runledger.dev import DevOptions, DevStack
+from runledger.stack import DevOptions, DevStack
 
 # A child that writes everything a build log can hold, on both streams:
 # invalid UTF-8, NUL bytes, carriage returns without newlines, ANSI colours,

@@ -411,6 +411,7 @@ class Relay:
                 await self._pool.execute(
                     queries.hold_command, claim.command_id, owner, paused
                 )
+                self._wake_after(paused)
                 return None
 
             outcome = await self._send(batch, claimed_at)
@@ -436,6 +437,10 @@ class Relay:
         finally:
             if recording is None:
                 self._set_busy(-1)
+
+    def _wake_after(self, seconds: float) -> None:
+        """Look for work when a held or retried command falls due, not a scan later."""
+        asyncio.get_running_loop().call_later(seconds, self._wakeup.wake_one)
 
     def _set_busy(self, change: int) -> None:
         self.busy_workers += change
@@ -544,6 +549,7 @@ class Relay:
                 await connection.execute(
                     queries.hold_command, command_id, owner, remaining
                 )
+                self._wake_after(remaining)
                 log.debug(
                     "relay.gap_held",
                     command_id=str(command_id),
@@ -761,6 +767,8 @@ class Relay:
             first,
             last,
         )
+        # The database's clock started the delay first: wake after it is due.
+        self._wake_after(delay)
         metrics.deliveries.labels("retried").inc()
         metrics.retries.inc()
         log.warning(

@@ -1,10 +1,11 @@
 """The outbox relay: forwards stored events to an HTTP sink, in order, once.
 
-Each of N workers loops: claim one command with a lease (committed at once),
-read that command's next events in sequence order, POST them as one signed
-batch, then record the outcome in a new transaction. No transaction is ever
-open across an HTTP request, so a slow sink never holds Postgres back, and a
-worker that dies simply lets its lease expire.
+Each of N workers loops: claim one command with a lease and read its next
+events in sequence order (one statement, committed at once), POST them as one
+signed batch, then record the outcome in a new transaction, while it already
+claims its next command. No transaction is ever open across an HTTP request,
+so a slow sink never holds Postgres back, and a worker that dies simply lets
+its lease expire.
 
 Work is found in two ways: a LISTEN on ``runledger_events`` over a dedicated
 connection wakes one idle worker per notification (a worker that finds work

@@ -1,7 +1,8 @@
 -- Queries of the outbox relay (broker/relay.py).
 --
 -- Every statement here runs on its own or in a short transaction that never
--- spans an HTTP request: claim (commit), read, deliver, then record.
+-- spans an HTTP request: claim and read (one statement, committed), deliver,
+-- then record the outcome.
 
 -- name: claim_command
 -- Lease the least recently served command that has events to deliver and is due,

@@ -70,7 +70,8 @@ class BrokerSettings:
     )
     ingest_queue_frames: int = setting(
         512,
-        "Frames waiting for the writer, over all connections; when full, "
+        "Frames waiting for the writer, over all connections (and as many "
+        "more set aside behind a commit of their command); when full, "
         "connections stop being read.",
     )
     session_frames_in_flight: int = setting(

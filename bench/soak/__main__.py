@@ -24,8 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
-
 from bench.soak.checks import FINAL_STATUSES, Submitted, Verdict, check, queries
 from bench.soak.child import LINE_BYTES
 from bench.soak.cluster import CHUNK_BYTES, Cluster, runledger_argv
@@ -106,9 +104,11 @@ async def drive(
             )
             assert cluster.pool is not None
             now_inserted = await cluster.pool.fetchval(queries.events_inserted)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            # Postgres may be restarting (a fault); try again shortly.
-            log.warning("soak.submit_retry", error=str(error))
+        except Exception as error:
+            # Postgres may be restarting (a fault): start again with fresh
+            # connections shortly, whatever state the old ones were left in.
+            log.warning("soak.submit_retry", error=str(error) or type(error).__name__)
+            await _fresh_connections(cluster)
         else:
             if now_inserted != inserted:
                 inserted, progressed_at = now_inserted, time.monotonic()
@@ -149,6 +149,12 @@ async def _top_up(
     return planned, seed
 
 
+async def _fresh_connections(cluster: Cluster) -> None:
+    assert cluster.pool is not None
+    with contextlib.suppress(Exception):
+        await cluster.pool.expire_connections()
+
+
 async def drain(cluster: Cluster, submitted: list[Submitted], seconds: float) -> bool:
     """Wait until every command finished and every event was delivered."""
     assert cluster.pool is not None
@@ -159,7 +165,9 @@ async def drain(cluster: Cluster, submitted: list[Submitted], seconds: float) ->
             async with cluster.pool.acquire() as connection:
                 states = await connection.fetch(queries.command_states, ids)
                 undelivered = await connection.fetchval(queries.undelivered_total)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except Exception as error:
+            log.warning("soak.drain_retry", error=str(error) or type(error).__name__)
+            await _fresh_connections(cluster)
             await asyncio.sleep(1)
             continue
         unfinished = sum(1 for r in states if r["status"] not in FINAL_STATUSES)

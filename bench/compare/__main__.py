@@ -52,9 +52,11 @@ def scenarios(events: int, quick: bool) -> dict[str, Scenario]:
     async def runledger_delivery() -> list[Result]:
         from bench.compare import delivery
 
+        seconds = 4 if quick else 20
         return [
             await delivery.run_delivery(full),
-            *await delivery.run_visible(full, 4 if quick else 20),
+            *await delivery.run_visible(full, seconds, reader_count=100),
+            *await delivery.run_visible(full, seconds, reader_count=10),
         ]
 
     async def scale() -> list[Result]:

@@ -248,8 +248,14 @@ class PacedRunner(WireRunner):
         await self.run(encoded, produced=producer)
 
 
-async def run_visible(workload: Workload, seconds: float) -> list[Result]:
-    """5,000 events/s through the whole stack, read back through the API."""
+async def run_visible(
+    workload: Workload, seconds: float, reader_count: int
+) -> list[Result]:
+    """5,000 events/s through the whole stack, ``reader_count`` logs followed.
+
+    The readers follow commands spread evenly over the workload's (every
+    command when ``reader_count`` equals the number of commands).
+    """
     total = min(workload.events_total, int(VISIBLE_RATE * seconds))
     workload = Workload(total, workload.commands)
     async with scratch_database("visible") as (name, url):
@@ -269,7 +275,10 @@ async def run_visible(workload: Workload, seconds: float) -> list[Result]:
                 "postgres": postgres_backends(name),
             }
         )
-        readers = [LogReader(web.port, api_token, c, n) for c, n in per_command.items()]
+        followed = list(per_command.items())[
+            :: max(1, len(per_command) // reader_count)
+        ]
+        readers = [LogReader(web.port, api_token, c, n) for c, n in followed]
         runners = [
             PacedRunner(
                 f"ws://127.0.0.1:{broker.port}", runner, VISIBLE_RATE / len(fleet)
@@ -294,7 +303,10 @@ async def run_visible(workload: Workload, seconds: float) -> list[Result]:
                 await process.stop()
 
     visible = Result(
-        scenario=f"runledger emit to visible, {VISIBLE_RATE:,} events/s",
+        scenario=(
+            f"runledger emit to visible, {VISIBLE_RATE:,} events/s, "
+            f"{len(readers)} readers"
+        ),
         system="runledger",
         durability="fsync at each commit, acknowledged after COMMIT",
         events=total,
@@ -312,7 +324,10 @@ async def run_visible(workload: Workload, seconds: float) -> list[Result]:
         "emitted_to_stored_p99_ms": round(percentile(stored_latencies, 0.99), 1),
     }
     delivered = Result(
-        scenario=f"runledger stored to delivered, {VISIBLE_RATE:,} events/s",
+        scenario=(
+            f"runledger stored to delivered, {VISIBLE_RATE:,} events/s, "
+            f"{len(readers)} readers"
+        ),
         system="runledger",
         durability="web tier applies in its own commit",
         events=total,

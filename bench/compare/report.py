@@ -45,14 +45,14 @@ def _starting(results: list[Result], prefix: str) -> list[Result]:
 def table(results: list[Result]) -> str:
     """A fixed-width table of every scenario."""
     header = (
-        f"{'scenario':<44} {'events':>8} {'events/s':>10} {'p50 ms':>8} "
+        f"{'scenario':<58} {'events':>8} {'events/s':>10} {'p50 ms':>8} "
         f"{'p99 ms':>8} {'CPU %':>6} {'peak MiB':>8} {'x limit':>7}  durability"
     )
     lines = [header, "-" * len(header)]
     for result in results:
         ratio = ratio_to_limit(result, results)
         lines.append(
-            f"{result.scenario[:44]:<44} {result.events:>8} "
+            f"{result.scenario[:58]:<58} {result.events:>8} "
             f"{result.events_per_second:>10,.0f} {_ms(result, result.p50_ms):>8} "
             f"{_ms(result, result.p99_ms):>8} {result.cpu_percent:>6.0f} "
             f"{result.peak_rss_mib:>8.0f} "
@@ -112,13 +112,13 @@ def targets(results: list[Result], main_ingest: str) -> list[Target]:
     compare("no slower than JetStream default (not durable)", jetstream, 1)
     compare(">= 5x JetStream with sync on every message", None, 5)
 
-    visible = _find(results, "runledger emit to visible, 5,000 events/s")
-    if visible is None:
+    visible_runs = _starting(results, "runledger emit to visible")
+    if not visible_runs:
         checks.append(Target("emit-to-visible p99 < 250 ms", "not measured", None))
-    else:
+    for visible in visible_runs:
         checks.append(
             Target(
-                "emit-to-visible p99 < 250 ms at 5,000 events/s",
+                f"p99 < 250 ms: {visible.scenario[len('runledger ') :]}",
                 f"{visible.p99_ms:.0f} ms at {visible.events_per_second:,.0f}/s",
                 visible.p99_ms < 250,
             )

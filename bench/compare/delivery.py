@@ -38,7 +38,12 @@ from bench.compare.measure import (
     percentile,
     postgres_backends,
 )
-from bench.compare.processes import ServerProcess, python_module, start_server_process
+from bench.compare.processes import (
+    ProcessGroup,
+    ServerProcess,
+    python_module,
+    start_server_process,
+)
 from bench.compare.scratch import scratch_database
 from core.tokens import new_token
 
@@ -63,11 +68,17 @@ async def _start(kind: str, url: str, settings: dict[str, object]) -> ServerProc
     )
 
 
-async def _start_web_and_relay(url: str) -> tuple[ServerProcess, ServerProcess, str]:
+async def _start_web(url: str) -> tuple[ServerProcess, str, str]:
+    """The web tier; returns it, the signing secret and the API token."""
     secret = secrets.token_urlsafe(32)
     api_token = new_token("rla_")
     web = await _start("web", url, {"signing_secret": secret, "api_token": api_token})
-    relay = await _start(
+    return web, secret, api_token
+
+
+async def _start_relay(url: str, web: ServerProcess, secret: str) -> ServerProcess:
+    """A relay delivering to ``web``'s ingest endpoint."""
+    return await _start(
         "relay",
         url,
         {
@@ -76,7 +87,6 @@ async def _start_web_and_relay(url: str) -> tuple[ServerProcess, ServerProcess, 
             "relay_metrics_port": 0,
         },
     )
-    return web, relay, api_token
 
 
 async def _store_directly(url: str, fleet: list[FleetRunner]) -> None:
@@ -97,10 +107,15 @@ async def _store_directly(url: str, fleet: list[FleetRunner]) -> None:
 
 async def run_delivery(workload: Workload) -> Result:
     """Drain a stored backlog through the relay into the web tier."""
-    async with scratch_database("delivery") as (name, url):
+    async with scratch_database("delivery") as (name, url), ProcessGroup() as group:
         fleet = await prepare_fleet(url, workload, 1)
         await _store_directly(url, fleet)
-        web, relay, _ = await _start_web_and_relay(url)
+        web, secret, _ = await _start_web(url)
+        group.add(web)
+        # The clock starts with the relay, which begins on the backlog at once.
+        started = time.perf_counter()
+        relay = await _start_relay(url, web, secret)
+        group.add(relay)
         monitor = ResourceMonitor(
             {
                 "relay": fixed_pids(relay.pid),
@@ -108,14 +123,9 @@ async def run_delivery(workload: Workload) -> Result:
                 "postgres": postgres_backends(name),
             }
         )
-        try:
-            with monitor:
-                seconds = await wait_delivered(
-                    url, workload.events_total, DRAIN_TIMEOUT_SECONDS
-                )
-        finally:
-            await relay.stop()
-            await web.stop()
+        with monitor:
+            await wait_delivered(url, workload.events_total, DRAIN_TIMEOUT_SECONDS)
+            seconds = time.perf_counter() - started
 
     result = Result(
         scenario="runledger stored to delivered (backlog)",
@@ -258,10 +268,14 @@ async def run_visible(
     """
     total = min(workload.events_total, int(VISIBLE_RATE * seconds))
     workload = Workload(total, workload.commands)
-    async with scratch_database("visible") as (name, url):
+    async with scratch_database("visible") as (name, url), ProcessGroup() as group:
         fleet = await prepare_fleet(url, workload, VISIBLE_CONNECTIONS)
         broker = await _start("broker", url, {**BROKER_OVERRIDES})
-        web, relay, api_token = await _start_web_and_relay(url)
+        group.add(broker)
+        web, secret, api_token = await _start_web(url)
+        group.add(web)
+        relay = await _start_relay(url, web, secret)
+        group.add(relay)
         per_command: dict[uuid.UUID, int] = {}
         for runner in fleet:
             for event in runner.events:
@@ -285,22 +299,18 @@ async def run_visible(
             )
             for runner in fleet
         ]
-        try:
-            with monitor:
-                started = time.perf_counter()
-                following = asyncio.gather(*(r.follow() for r in readers))
-                await asyncio.wait_for(
-                    asyncio.gather(*(r.run_paced() for r in runners)),
-                    DRAIN_TIMEOUT_SECONDS,
-                )
-                await asyncio.wait_for(following, DRAIN_TIMEOUT_SECONDS)
-                elapsed = time.perf_counter() - started
-                await wait_delivered(url, total, DRAIN_TIMEOUT_SECONDS)
-            delivered_latencies = await _stored_to_delivered_ms(url)
-            stored_latencies = await _emitted_to_stored_ms(url)
-        finally:
-            for process in (relay, web, broker):
-                await process.stop()
+        with monitor:
+            started = time.perf_counter()
+            following = asyncio.gather(*(r.follow() for r in readers))
+            await asyncio.wait_for(
+                asyncio.gather(*(r.run_paced() for r in runners)),
+                DRAIN_TIMEOUT_SECONDS,
+            )
+            await asyncio.wait_for(following, DRAIN_TIMEOUT_SECONDS)
+            elapsed = time.perf_counter() - started
+            await wait_delivered(url, total, DRAIN_TIMEOUT_SECONDS)
+        delivered_latencies = await _stored_to_delivered_ms(url)
+        stored_latencies = await _emitted_to_stored_ms(url)
 
     visible = Result(
         scenario=(

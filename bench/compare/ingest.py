@@ -14,6 +14,7 @@ also says how long after the last acknowledgement the last delivery ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -30,7 +31,12 @@ from bench.compare.measure import (
     own_process,
     postgres_backends,
 )
-from bench.compare.processes import ServerProcess, python_module, start_server_process
+from bench.compare.processes import (
+    ProcessGroup,
+    ServerProcess,
+    python_module,
+    start_server_process,
+)
 from bench.compare.scratch import scratch_database
 
 # The per-connection rate limit (20,000 events/s by default) would cap one
@@ -39,10 +45,13 @@ BROKER_OVERRIDES: dict[str, Any] = {"max_events_per_second": 10_000_000}
 DELIVERY_TIMEOUT_SECONDS = 600.0
 
 
-async def start_brokers(url: str, count: int) -> list[ServerProcess]:
-    """``count`` broker processes on database ``url``."""
-    return [
-        await start_server_process(
+async def start_brokers(
+    url: str, count: int, processes: ProcessGroup
+) -> list[ServerProcess]:
+    """``count`` broker processes on database ``url``, stopped with ``processes``."""
+    started = []
+    for index in range(count):
+        broker = await start_server_process(
             f"broker-{index}",
             python_module(
                 "bench.compare.serve",
@@ -53,19 +62,23 @@ async def start_brokers(url: str, count: int) -> list[ServerProcess]:
                 json.dumps({**BROKER_OVERRIDES, "broker_id": f"bench-broker-{index}"}),
             ),
         )
-        for index in range(count)
-    ]
+        processes.add(broker)
+        started.append(broker)
+    return started
 
 
-async def start_relays(url: str, count: int, sink_url: str) -> list[ServerProcess]:
+async def start_relays(
+    url: str, count: int, sink_url: str, processes: ProcessGroup
+) -> list[ServerProcess]:
     """``count`` relay processes forwarding to ``sink_url``."""
     settings = {
         "sink_url": sink_url,
         "signing_secret": secrets.token_urlsafe(32),
         "relay_metrics_port": 0,
     }
-    return [
-        await start_server_process(
+    started = []
+    for index in range(count):
+        relay = await start_server_process(
             f"relay-{index}",
             python_module(
                 "bench.compare.serve",
@@ -76,8 +89,9 @@ async def start_relays(url: str, count: int, sink_url: str) -> list[ServerProces
                 json.dumps(settings),
             ),
         )
-        for index in range(count)
-    ]
+        processes.add(relay)
+        started.append(relay)
+    return started
 
 
 async def wait_delivered(url: str, total: int, limit_seconds: float) -> float:
@@ -109,18 +123,24 @@ async def run_ingest(
 ) -> Result:
     """Send the workload over ``connections`` runners; all acknowledged."""
     workload = Workload(workload.events_total, max(workload.commands, connections))
-    async with scratch_database(f"ingest{connections}") as (name, url):
+    async with (
+        scratch_database(f"ingest{connections}") as (name, url),
+        ProcessGroup() as processes,
+    ):
         fleet = await prepare_fleet(url, workload, connections)
         encoded = [[encode_event(e) for e in runner.events] for runner in fleet]
-        servers = await start_brokers(url, brokers)
-        sink: ServerProcess | None = None
+        servers = await start_brokers(url, brokers, processes)
         relay_processes: list[ServerProcess] = []
         if relays:
             sink = await start_server_process(
                 "sink", python_module("bench.compare.sink")
             )
+            processes.add(sink)
             relay_processes = await start_relays(
-                url, relays, f"http://127.0.0.1:{sink.port}/api/runner/events"
+                url,
+                relays,
+                f"http://127.0.0.1:{sink.port}/api/runner/events",
+                processes,
             )
         monitor = ResourceMonitor(
             {
@@ -137,13 +157,10 @@ async def run_ingest(
         delivered_after = None
         connected = asyncio.Semaphore(0)
         go = asyncio.Event()
+        sending = asyncio.gather(
+            *(r.run(e, connected, go) for r, e in zip(runners, encoded, strict=True))
+        )
         try:
-            sending = asyncio.gather(
-                *(
-                    r.run(e, connected, go)
-                    for r, e in zip(runners, encoded, strict=True)
-                )
-            )
             # Every connection is open before the clock starts.
             async with asyncio.timeout(120):
                 for _ in runners:
@@ -157,12 +174,11 @@ async def run_ingest(
                     delivered_after = await wait_delivered(
                         url, workload.events_total, DELIVERY_TIMEOUT_SECONDS
                     )
-            stored = await _count_events(url)
         finally:
-            for process in [*relay_processes, *servers]:
-                await process.stop()
-            if sink is not None:
-                await sink.stop()
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sending
+        stored = await _count_events(url)
 
     if stored != workload.events_total:
         raise RuntimeError(f"{stored} of {workload.events_total} events stored")

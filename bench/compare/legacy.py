@@ -33,7 +33,11 @@ from bench.compare.measure import (
     own_process,
     postgres_backends,
 )
-from bench.compare.processes import python_module, start_server_process
+from bench.compare.processes import (
+    ProcessGroup,
+    python_module,
+    start_server_process,
+)
 from bench.compare.scratch import scratch_database
 from core import wire
 
@@ -160,8 +164,12 @@ async def _legacy_runner(
 async def run_legacy(workload: Workload) -> Result:
     """The old design end to end: runner, broker, Postgres and an HTTP sink."""
     events = workload.events()
-    async with scratch_database("legacy") as (name, url):
+    async with (
+        scratch_database("legacy") as (name, url),
+        ProcessGroup() as processes,
+    ):
         sink = await start_server_process("sink", python_module("bench.compare.sink"))
+        processes.add(sink)
         broker = await start_server_process(
             "legacy-broker",
             python_module(
@@ -172,6 +180,7 @@ async def run_legacy(workload: Workload) -> Result:
                 f"http://127.0.0.1:{sink.port}/api/runner/events",
             ),
         )
+        processes.add(broker)
         monitor = ResourceMonitor(
             {
                 "load": own_process,
@@ -181,17 +190,13 @@ async def run_legacy(workload: Workload) -> Result:
             }
         )
         latencies: list[float] = []
-        try:
-            with monitor:
-                started = time.perf_counter()
-                await asyncio.wait_for(
-                    _legacy_runner(f"ws://127.0.0.1:{broker.port}", events, latencies),
-                    1800,
-                )
-                seconds = time.perf_counter() - started
-        finally:
-            await broker.stop()
-            await sink.stop()
+        with monitor:
+            started = time.perf_counter()
+            await asyncio.wait_for(
+                _legacy_runner(f"ws://127.0.0.1:{broker.port}", events, latencies),
+                1800,
+            )
+            seconds = time.perf_counter() - started
 
     result = Result(
         scenario="old design",

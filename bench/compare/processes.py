@@ -81,3 +81,22 @@ async def start_server_process(
         await process.wait()
         raise
     return ServerProcess(name, process, port)
+
+
+class ProcessGroup:
+    """Server processes stopped together, newest first, however the block ends."""
+
+    def __init__(self) -> None:
+        self._processes: list[ServerProcess] = []
+
+    async def __aenter__(self) -> ProcessGroup:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for process in reversed(self._processes):
+            await process.stop()
+        self._processes.clear()
+
+    def add(self, *processes: ServerProcess) -> None:
+        """Stop ``processes`` with the group."""
+        self._processes.extend(processes)

@@ -29,6 +29,7 @@ from bench.compare.measure import (
     own_process,
     postgres_backends,
 )
+from bench.compare.processes import ProcessGroup
 from bench.compare.scratch import scratch_database
 from core import wire
 from runner.connection import BrokerLink
@@ -61,9 +62,12 @@ class _SettledHandler:
 
 async def run_runner_links(workload: Workload, connections: int) -> Result:
     """Drain ``connections`` filled spools through real links to one broker."""
-    async with scratch_database(f"links{connections}") as (name, url):
+    async with (
+        scratch_database(f"links{connections}") as (name, url),
+        ProcessGroup() as processes,
+    ):
         fleet = await prepare_fleet(url, workload, connections)
-        servers = await start_brokers(url, 1)
+        servers = await start_brokers(url, 1, processes)
         folder = Path(tempfile.mkdtemp(prefix="runledger-bench-spools-"))
         spools: list[Spool] = []
         links: list[asyncio.Task[None]] = []
@@ -86,8 +90,6 @@ async def run_runner_links(workload: Workload, connections: int) -> Result:
                     await task
             for spool in spools:
                 spool.close()
-            for server in servers:
-                await server.stop()
             shutil.rmtree(folder, ignore_errors=True)
 
     result = Result(

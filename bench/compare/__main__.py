@@ -116,6 +116,7 @@ async def run(arguments: argparse.Namespace) -> int:
     failures = 0
 
     await drop_leftovers()
+    busy_before = await asyncio.to_thread(report.busy_processes)
     for name in names:
         started = time.monotonic()
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
@@ -134,7 +135,15 @@ async def run(arguments: argparse.Namespace) -> int:
     main_ingest = f"runledger ingest, {MAIN_INGEST_CONNECTIONS} connections"
     checks = report.targets(results, main_ingest)
     context = report.machine_context()
-    context.update({"events": events, "quick": arguments.quick, "scenarios": names})
+    context.update(
+        {
+            "events": events,
+            "quick": arguments.quick,
+            "scenarios": names,
+            "busy_before": busy_before,
+            "busy_after": await asyncio.to_thread(report.busy_processes),
+        }
+    )
     print(report.table(results))
     print()
     print(report.targets_table(checks))

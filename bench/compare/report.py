@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -136,16 +137,7 @@ def targets_table(checks: list[Target]) -> str:
 
 
 def machine_context() -> dict[str, Any]:
-    """What the figures were taken on, and what else was running."""
-    busy = []
-    for process in psutil.process_iter(["pid", "name", "cpu_times", "username"]):
-        try:
-            times = process.info["cpu_times"]
-            busy.append(
-                (times.user + times.system, process.info["name"], process.info["pid"])
-            )
-        except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
-            continue
+    """What the figures were taken on."""
     return {
         "taken_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
@@ -153,8 +145,28 @@ def machine_context() -> dict[str, Any]:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processes": len(busy),
     }
+
+
+def busy_processes(sample_seconds: float = 2.0, top: int = 8) -> list[str]:
+    """What else is using the CPU right now: the busiest processes, briefly."""
+    processes = list(psutil.process_iter(["pid", "name", "cmdline"]))
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.cpu_percent(None)
+    time.sleep(sample_seconds)
+    busy = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            share = process.cpu_percent(None)
+            if share >= 1.0:
+                # Three words say what it is; later ones might carry secrets.
+                words = process.info["cmdline"] or [process.info["name"]]
+                command = Path(words[0]).name + " "
+                command += " ".join(words[1:3])
+                busy.append((share, f"{share:.0f}% {command.strip()}"))
+    busy.sort(reverse=True)
+    return [line for _, line in busy[:top]]
 
 
 def write_json(

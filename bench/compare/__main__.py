@@ -159,6 +159,8 @@ async def run(arguments: argparse.Namespace) -> int:
     markdown_path.write_text(
         report.markdown_table(results)
         + "\n\n"
+        + report.scale_markdown(results)
+        + "\n\n"
         + "\n".join(f"- {line}" for line in report.targets_table(checks).splitlines())
         + "\n",
         encoding="utf-8",

@@ -81,6 +81,26 @@ def markdown_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def scale_markdown(results: list[Result]) -> str:
+    """The scale runs in Markdown: throughput, latency and memory by setup."""
+    lines = [
+        "| setup | events/s | p50 ms | p99 ms | CPU % (all) | peak MiB (all) "
+        "| broker MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        if result.group != "scale":
+            continue
+        broker = result.processes.get("broker", {}).get("peak_rss_mib", 0)
+        lines.append(
+            f"| {result.scenario.removeprefix('scale: ')} "
+            f"| {result.events_per_second:,.0f} | {_ms(result, result.p50_ms)} "
+            f"| {_ms(result, result.p99_ms)} | {result.cpu_percent:.0f} "
+            f"| {result.peak_rss_mib:.0f} | {broker:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def _ms(result: Result, value: float) -> str:
     return f"{value:.1f}" if result.latencies_ms else "-"
 

@@ -68,6 +68,8 @@ class Claim:
     pending_first: int | None
     pending_last: int | None
     has_skipped_gaps: bool
+    # The pending batch was chosen by this claim, not left by an earlier one.
+    chosen_now: bool
     # The events after the cursor, read in the same round trip as the claim.
     next_events: list[asyncpg.Record] = field(default_factory=list)
     # When the lease was taken, on the monotonic clock.
@@ -389,6 +391,7 @@ class Relay:
             pending_first=row["pending_first_sequence"],
             pending_last=row["pending_last_sequence"],
             has_skipped_gaps=row["has_skipped_gaps"],
+            chosen_now=row["chosen_now"],
             next_events=[row for row in rows if row["sequence"] is not None],
         )
 
@@ -494,19 +497,18 @@ class Relay:
         settings = self.settings
         command_id = claim.command_id
 
-        # A failed delivery is resent exactly, so its delivery id does not change.
-        if claim.pending_first is not None and claim.pending_last is not None:
-            rows = await self._pool.fetch(
-                queries.read_event_range,
-                command_id,
-                claim.pending_first,
-                claim.pending_last,
-            )
-            late = claim.pending_last <= claim.delivered_through
-            if rows:
-                return Batch(command_id, _to_events(command_id, rows, late), late)
+        pending = claim.pending_first is not None and claim.pending_last is not None
+        if pending and not claim.next_events:
+            await self._pool.execute(queries.forget_pending, command_id, owner)
+            return None
 
-        # Late events (inside gaps skipped earlier) go first: they are the oldest.
+        # A batch chosen by an earlier claim (which failed or was cut short)
+        # goes again as it was, so its delivery id does not change.
+        if pending and not claim.chosen_now:
+            return self._pending_batch(claim)
+
+        # Late events (inside gaps skipped earlier) go first: they are the
+        # oldest. The batch this claim chose instead was never sent.
         if claim.has_skipped_gaps:
             rows = await self._pool.fetch(
                 queries.read_late_events,
@@ -517,6 +519,8 @@ class Relay:
             rows = _leading_run(rows)
             if rows:
                 return Batch(command_id, _to_events(command_id, rows, True), True)
+        if pending:
+            return self._pending_batch(claim)
 
         rows = claim.next_events
         if not rows:
@@ -533,6 +537,12 @@ class Relay:
         return Batch(
             command_id, _to_events(command_id, _leading_run(rows), False), False
         )
+
+    def _pending_batch(self, claim: Claim) -> Batch:
+        assert claim.pending_last is not None
+        late = claim.pending_last <= claim.delivered_through
+        events = _to_events(claim.command_id, claim.next_events, late)
+        return Batch(claim.command_id, events, late)
 
     async def _gap_expired(
         self, owner: str, claim: Claim, first_missing: int, next_stored: int

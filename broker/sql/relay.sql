@@ -6,9 +6,10 @@
 
 -- name: claim_command
 -- Lease the least recently served command that has events to deliver and is due,
--- and read its next events (bounded by count and bytes) in the same round trip.
+-- choose its next batch (bounded by count and bytes) and read it, in one trip.
 WITH candidate AS (
-    SELECT cd.command_id
+    SELECT cd.command_id, cd.delivered_through, cd.pending_first_sequence,
+           cd.pending_last_sequence
     FROM command_delivery cd
     WHERE cd.state = 'active'
       AND (cd.lease_expires_at IS NULL OR cd.lease_expires_at < now())
@@ -49,10 +50,56 @@ WITH candidate AS (
     ORDER BY cd.updated_at
     LIMIT 1
     FOR UPDATE OF cd SKIP LOCKED
+), next_events AS (
+    -- A delivery that was chosen before is sent again as it was; otherwise
+    -- walk the primary key from the cursor and stop at the limit, however
+    -- long the backlog behind it.
+    SELECT e.sequence, octet_length(e.data) AS size
+    FROM candidate
+    CROSS JOIN LATERAL (
+        SELECT sequence, data
+        FROM events
+        WHERE command_id = candidate.command_id
+          AND sequence >= coalesce(
+              candidate.pending_first_sequence, candidate.delivered_through + 1
+          )
+          AND sequence <= coalesce(
+              candidate.pending_last_sequence, 9223372036854775807
+          )
+        ORDER BY sequence
+        LIMIT $3
+    ) AS e
+), batch AS (
+    -- The leading run without a break in sequence, within the byte budget;
+    -- the first event always goes, however large.
+    SELECT sequence
+    FROM (
+        SELECT sequence,
+               size,
+               sum(size) OVER ordered - size AS bytes_before,
+               sequence - row_number() OVER ordered AS run
+        FROM next_events
+        WINDOW ordered AS (ORDER BY sequence)
+    ) AS numbered
+    WHERE (bytes_before = 0 OR bytes_before + size <= $4)
+      AND run = (SELECT min(sequence) - 1 FROM next_events)
 ), claimed AS (
     UPDATE command_delivery cd
     SET lease_owner = $1,
         lease_expires_at = now() + make_interval(secs => $2),
+        -- The batch is written down before it is sent, so a resend after any
+        -- failure, even a crash, carries the same events and delivery id. A
+        -- batch behind a gap is not: the gap may yet be filled.
+        pending_first_sequence = coalesce(
+            cd.pending_first_sequence,
+            (SELECT min(sequence) FROM batch
+             HAVING min(sequence) = cd.delivered_through + 1)
+        ),
+        pending_last_sequence = coalesce(
+            cd.pending_last_sequence,
+            (SELECT max(sequence) FROM batch
+             HAVING min(sequence) = cd.delivered_through + 1)
+        ),
         updated_at = now()
     FROM candidate
     WHERE cd.command_id = candidate.command_id
@@ -63,46 +110,21 @@ WITH candidate AS (
         extract(epoch FROM now() - cd.first_failure_at)::float8 AS failing_seconds,
         cd.pending_first_sequence,
         cd.pending_last_sequence,
+        candidate.pending_first_sequence IS NULL AS chosen_now,
         -- Only then can late events be waiting (read_late_events finds them).
         EXISTS (
             SELECT 1 FROM gaps g
             WHERE g.command_id = cd.command_id AND g.skipped_at IS NOT NULL
         ) AS has_skipped_gaps
-), next_events AS (
-    -- Walk the primary key from the cursor and stop at the limit, however
-    -- long the backlog behind it.
-    SELECT e.sequence, octet_length(e.data) AS size
-    FROM claimed
-    CROSS JOIN LATERAL (
-        SELECT sequence, data
-        FROM events
-        WHERE command_id = claimed.command_id
-          AND sequence > claimed.delivered_through
-        ORDER BY sequence
-        LIMIT $3
-    ) AS e
-), bounded AS (
-    SELECT sequence, size, sum(size) OVER (ORDER BY sequence) - size AS bytes_before
-    FROM next_events
 )
 -- One row per event (or one row of NULL events when there is none).
 SELECT claimed.*, e.sequence, e.id, e.kind, e.stream, e.data,
        e.payload::text AS payload, e.emitted_at, e.stored_at
 FROM claimed
-LEFT JOIN bounded b
-  -- The first event always goes, however large; later ones only within budget.
-  ON b.bytes_before = 0 OR b.bytes_before + b.size <= $4
+LEFT JOIN batch b ON true
 LEFT JOIN events e
   ON e.command_id = claimed.command_id AND e.sequence = b.sequence
 ORDER BY e.sequence;
-
--- name: read_event_range
--- The events of a command between two sequences, to resend a failed delivery.
-SELECT sequence, id, kind, stream, data, payload::text AS payload,
-       emitted_at, stored_at
-FROM events
-WHERE command_id = $1 AND sequence BETWEEN $2 AND $3
-ORDER BY sequence;
 
 -- name: read_late_events
 -- Events stored inside skipped gaps that were not yet delivered late, in order.
@@ -155,6 +177,17 @@ UPDATE command_delivery
 SET lease_owner = NULL,
     lease_expires_at = NULL,
     next_attempt_at = now() + make_interval(secs => $3),
+    updated_at = now()
+WHERE command_id = $1 AND lease_owner = $2;
+
+-- name: forget_pending
+-- Drop a chosen batch whose events are gone (pruned), and release the command.
+UPDATE command_delivery
+SET pending_first_sequence = NULL,
+    pending_last_sequence = NULL,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    next_attempt_at = NULL,
     updated_at = now()
 WHERE command_id = $1 AND lease_owner = $2;
 

@@ -343,3 +343,33 @@ async def test_the_relay_survives_losing_all_its_connections(
         await wait_until(lambda: len(sink.applied) == 20, within=30)
 
     assert sink.applied_sequences(command_id) == list(range(1, 21))
+
+
+async def test_a_relay_cut_off_mid_delivery_is_resumed_under_the_same_id(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """The sink applied a batch but the relay died before recording it; events
+    stored since do not change what the next relay resends first, so the
+    sink drops the resend by its delivery id and applies each event once."""
+    command_id = await new_command(pool)
+    await store_events(pool, command_id, range(1, 11))
+
+    async with running_sink() as sink:
+
+        async def apply_then_hang_once(number: int, _delivery_id: str) -> Answer:
+            return Answer(delay_after_apply=30.0 if number == 0 else 0.0)
+
+        sink.behaviour = apply_then_hang_once
+        async with running_relay(database_url, sink):
+            await wait_until(lambda: len(sink.applied) == 10, within=30)
+            await store_events(pool, command_id, range(11, 21))
+        # The stop cut the hanging request: nothing about it was recorded.
+        state = await delivery_state(pool, command_id)
+        assert state["delivered_through"] == 0
+
+        async with running_relay(database_url, sink):
+            await wait_until(lambda: len(sink.applied) == 20, within=30)
+            await wait_until(lambda: sink.duplicates == 1, within=30)
+
+    assert sink.applied_sequences(command_id) == list(range(1, 21))
+    assert [r.delivery_id for r in sink.requests[:2]] == [f"{command_id}:1-10"] * 2

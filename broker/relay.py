@@ -15,8 +15,10 @@ relay listens again and wakes every worker to catch up.
 
 State lives in ``command_delivery`` (cursor, lease, failures), ``deliveries``
 (one row per successful request) and ``gaps`` (sequences skipped after a
-hold). Retries resend exactly the events of the failed delivery, so its id
-(``command:first-last``) stays the same and the sink can drop duplicates.
+hold). A batch's range is written down when it is claimed; until it is
+delivered, every resend (after a failure, a timeout or a crash) carries
+exactly those events under the same id (``command:first-last``), so the sink
+can drop duplicates.
 """
 
 from __future__ import annotations

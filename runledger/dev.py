@@ -17,10 +17,13 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import sys
 from typing import TYPE_CHECKING
 
+from core.database import database_url_from_env
+from core.embedded import stop_embedded_postgres
 from runledger.database import resolve_database_url
 
 if TYPE_CHECKING:
@@ -84,12 +87,13 @@ async def _run_dev(args: argparse.Namespace, url: str) -> int:
     exit_code = 0
     try:
         await stack.start()
-        _say(f"broker listening on {stack.broker_url}")
-        _say(f"web tier on {stack.web_url}/  (open it in a browser)")
-        _say(f"API token for this session: {stack.api_token}")
+        _say("the stack is up:")
+        _say(f"  pages      {stack.web_url}/  (sign in with the API token)")
+        _say(f"  API token  {stack.api_token}  (valid for this session)")
+        _say(f"  broker     {stack.broker_url}  (runner {args.runner_name!r})")
 
         if args.argv:
-            _say(f"running {' '.join(args.argv)} on runner {args.runner_name!r}")
+            _say(f"running {shlex.join(args.argv)} on runner {args.runner_name!r}")
             run = asyncio.create_task(
                 stack.run_command(args.argv, cwd=os.getcwd(), echo=_echo_to_terminal)
             )
@@ -129,9 +133,16 @@ def _run(args: argparse.Namespace) -> int:
     # alembic and SQLAlchemy load only for the commands that migrate.
     from core import migrate
 
+    embedded = database_url_from_env() is None
     url = resolve_database_url()
     migrate.upgrade(url)
-    return asyncio.run(_run_dev(args, url))
+    try:
+        return asyncio.run(_run_dev(args, url))
+    finally:
+        # dev started the embedded server, so dev stops it; its data stays.
+        if embedded:
+            stop_embedded_postgres()
+            _say("embedded Postgres stopped (its data stays in .runledger/pgdata)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -144,10 +155,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "With `-- CMD ARGS...`, run CMD through the runner, show its output "
         "live, then verify every byte and report the delivery figures.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
-    parser.add_argument("--broker-port", type=int, default=8765)
-    parser.add_argument("--web-port", type=int, default=8000)
-    parser.add_argument("--runner-name", default="local")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the broker and web tier bind to (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--broker-port",
+        type=int,
+        default=8765,
+        help="the broker's WebSocket port; 0 picks a free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--web-port",
+        type=int,
+        default=8000,
+        help="the web tier's port; 0 picks a free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--runner-name",
+        default="local",
+        help="name of the local runner, created if missing (default: %(default)s)",
+    )
     parser.add_argument(
         "--exit",
         action="store_true",

@@ -27,5 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "head`, but also starts the embedded Postgres when no DATABASE_URL "
         "is set.",
     )
-    parser.add_argument("revision", nargs="?", default="head")
+    parser.add_argument(
+        "revision",
+        nargs="?",
+        default="head",
+        help="alembic revision to upgrade to (default: %(default)s, the newest)",
+    )
     parser.set_defaults(handler=_run)

@@ -158,8 +158,9 @@ class DevStack:
             RunnerSettings(
                 broker_url=self.broker_url,
                 token=runner_token,
-                spool_path=self.options.state_dir
-                / f"runner-{self.options.runner_name}.sqlite",
+                # The runner's own default name, so `runledger runner --status`
+                # finds this spool without being told where it is.
+                spool_path=self.options.state_dir / "runner-spool.sqlite3",
             )
         )
         await self._start(self.runner)

@@ -44,7 +44,7 @@ async def healthz(request: Request) -> Response[Health]:
 @get(
     "/metrics",
     summary="Prometheus metrics",
-    media_type="text/plain; version=0.0.4; charset=utf-8",
+    media_type="text/plain; version=0.0.4",
     tags=["operations"],
 )
 async def metrics(request: Request) -> bytes:

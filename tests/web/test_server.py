@@ -33,6 +33,16 @@ async def test_metrics_are_prometheus_text(
     assert "runledger_forwarding_queue_events 0.0" in response.text
 
 
+async def test_metrics_content_type_names_its_charset_once(
+    client: httpx.AsyncClient,
+) -> None:
+    """/metrics has Prometheus's text content type with a single charset."""
+    response = await client.get("/metrics")
+    content_type = response.headers["content-type"]
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert content_type.count("charset") == 1, content_type
+
+
 async def test_stop_ends_open_long_polls_quickly(
     web_settings: WebSettings, database_url: str, stored_command: StoredCommand
 ) -> None:

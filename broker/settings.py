@@ -25,11 +25,10 @@ class BrokerSettings:
 
     host: str = setting("127.0.0.1", "Address the WebSocket server binds to.")
     port: int = setting(8765, "TCP port of the WebSocket server (0: any free port).")
-    # setting() returns a dataclasses.field, which RUF009 cannot see.
-    tls_cert: Path | None = setting(  # noqa: RUF009
+    tls_cert: Path | None = setting(
         None, "PEM certificate chain; with tls_key the broker serves wss://."
     )
-    tls_key: Path | None = setting(None, "PEM private key of tls_cert.")  # noqa: RUF009
+    tls_key: Path | None = setting(None, "PEM private key of tls_cert.")
     broker_id: str | None = setting(
         None, "Name of this broker in the runners table (default host:pid)."
     )

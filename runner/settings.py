@@ -23,10 +23,10 @@ class RunnerSettings:
         None, "The runner's token, from `runledger runner add NAME`."
     )
     # A Path default is immutable; ruff cannot tell that setting() is a field.
-    ca_bundle: Path | None = setting(  # noqa: RUF009
+    ca_bundle: Path | None = setting(
         None, "PEM file of CAs that verify a wss:// broker (system CAs if unset)."
     )
-    spool_path: Path = setting(  # noqa: RUF009
+    spool_path: Path = setting(
         Path(".runledger") / "runner-spool.sqlite3",
         "SQLite file holding every event until the broker acknowledges it.",
     )

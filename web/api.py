@@ -212,7 +212,7 @@ async def submit(runtime: Runtime, data: JSONBody[SubmitCommand]) -> uuid.UUID:
             elif data.runner:
                 runner_id = await runner_id_by_name(connection, data.runner)
             else:
-                raise ValidationException("name the runner with runner or runner_id")
+                runner_id = await _only_runner(connection)
             command_id = await submit_command(
                 connection, runner_id, data.argv, data.cwd, data.env
             )
@@ -220,6 +220,20 @@ async def submit(runtime: Runtime, data: JSONBody[SubmitCommand]) -> uuid.UUID:
             raise ClientException(str(error), status_code=422) from None
     log.info("web.command_submitted", command_id=str(command_id))
     return command_id
+
+
+async def _only_runner(connection: asyncpg.Connection) -> uuid.UUID:
+    # With one runner there is nothing to choose; with several, say so.
+    runner_ids = await connection.fetch(
+        "SELECT id FROM runners WHERE revoked_at IS NULL LIMIT 2"
+    )
+    if len(runner_ids) != 1:
+        raise ValidationException(
+            "name the runner with runner or runner_id "
+            f"({'several runners exist' if runner_ids else 'no runner exists'})"
+        )
+    runner_id: uuid.UUID = runner_ids[0]["id"]
+    return runner_id
 
 
 @post(

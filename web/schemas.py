@@ -165,7 +165,10 @@ class RunnerOut(msgspec.Struct):
 
 
 class SubmitCommand(msgspec.Struct, forbid_unknown_fields=True):
-    """A command to run: the runner by ``runner`` name or ``runner_id``."""
+    """A command to run: the runner by ``runner`` name or ``runner_id``.
+
+    Both may be left out when exactly one runner exists.
+    """
 
     argv: list[str]
     runner: str | None = None

@@ -8,6 +8,7 @@ import uuid
 import asyncpg
 import httpx
 
+from tests.conftest import register_runner
 from tests.web.conftest import API_TOKEN, StoredCommand, insert_event, store_run
 
 HOSTILE = (
@@ -150,6 +151,30 @@ async def test_submit_to_unknown_runner_is_422(
     )
     assert response.status_code == 422
     assert "nobody" in response.json()["detail"]
+
+
+async def test_submit_without_a_runner_goes_to_the_only_one(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, stored_command: StoredCommand
+) -> None:
+    """With exactly one runner, a command that names none is given to it."""
+    response = await client.post("/api/commands", json={"argv": ["true"]}, headers=AUTH)
+    assert response.status_code == 201, response.text
+    runner_name = await pool.fetchval(
+        "SELECT r.name FROM commands c JOIN runners r ON r.id = c.runner_id "
+        "WHERE c.id = $1",
+        uuid.UUID(response.json()["id"]),
+    )
+    assert runner_name == "laptop"
+
+
+async def test_submit_without_a_runner_among_several_says_to_name_one(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, stored_command: StoredCommand
+) -> None:
+    """With several runners, leaving the runner out is refused with the reason."""
+    await register_runner(pool, "ci-box")
+    response = await client.post("/api/commands", json={"argv": ["true"]}, headers=AUTH)
+    assert response.status_code == 400
+    assert "several runners exist" in response.text
 
 
 async def test_cancel_marks_the_command(

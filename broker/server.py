@@ -74,6 +74,7 @@ class BrokerServer:
             ServerConnection, RunnerIdentity
         ] = weakref.WeakKeyDictionary()
         self._background: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
 
     @property
     def sessions(self) -> list[RunnerSession]:
@@ -112,6 +113,8 @@ class BrokerServer:
         sockets = list(self._server.sockets)
         self.port = sockets[0].getsockname()[1]
 
+        self._heartbeat = asyncio.create_task(self._mark_runners_seen())
+
         if settings.run_relay:
             self._relay = _make_relay(self.database_url, self._relay_settings)
             await self._relay.start()
@@ -126,6 +129,11 @@ class BrokerServer:
     async def stop(self) -> None:
         """Close connections, commit what is queued, release Postgres."""
         timeout = self.settings.stop_timeout
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
         if self._relay is not None:
             await self._relay.stop()
             self._relay = None
@@ -147,6 +155,23 @@ class BrokerServer:
                 await asyncio.wait_for(self._pool.close(), timeout)
             self._pool = None
         log.info("broker.stopped")
+
+    async def _mark_runners_seen(self) -> None:
+        """Keep last_seen_at of connected runners fresh, for the runners page."""
+        while True:
+            await asyncio.sleep(self.settings.seen_interval)
+            sessions = self.sessions
+            if not sessions or self._pool is None:
+                continue
+            try:
+                await self._pool.execute(
+                    queries.mark_runners_seen,
+                    [session.runner_id for session in sessions],
+                    [session.connection_epoch for session in sessions],
+                )
+            except (OSError, asyncpg.PostgresError) as error:
+                # A missed beat only makes a runner look idle a little longer.
+                log.warning("broker.mark_seen_failed", error=str(error))
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if self.settings.tls_cert is None or self.settings.tls_key is None:

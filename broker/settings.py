@@ -80,6 +80,9 @@ class BrokerSettings:
     ping_interval: float = setting(
         20.0, "Seconds between WebSocket pings that detect dead peers."
     )
+    seen_interval: float = setting(
+        15.0, "Seconds between updates of connected runners' last_seen_at."
+    )
     stop_timeout: float = setting(
         10.0, "Seconds `stop()` waits for connections and the writer to finish."
     )

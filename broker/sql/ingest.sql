@@ -20,6 +20,13 @@ UPDATE runners
 SET disconnected_at = now(), last_seen_at = now()
 WHERE id = $1 AND connection_epoch = $2;
 
+-- name: mark_runners_seen
+-- Note that runners connected here are alive, unless a newer connection took over.
+UPDATE runners AS r
+SET last_seen_at = now()
+FROM unnest($1::uuid[], $2::bigint[]) AS seen(id, connection_epoch)
+WHERE r.id = seen.id AND r.connection_epoch = seen.connection_epoch;
+
 -- name: store_events
 -- Store a batch in one statement: only for current connections and own commands.
 WITH batch AS (

@@ -74,6 +74,29 @@ async def test_revoked_token_is_refused(
     assert b"revoked" in refused.value.response.body
 
 
+async def test_connected_runners_are_marked_seen_while_connected(
+    start_broker: StartBroker, pool: asyncpg.Pool
+) -> None:
+    """last_seen_at keeps moving while a runner stays connected, idle or not."""
+    broker = await start_broker(seen_interval=0.2)
+    registered = await register_runner(pool, "alpha")
+    runner = await WireRunner.connect(broker.url, registered.token)
+    try:
+        connected_at = await pool.fetchval(
+            "SELECT connected_at FROM runners WHERE id = $1", registered.id
+        )
+        async with asyncio.timeout(20):
+            while True:
+                last_seen = await pool.fetchval(
+                    "SELECT last_seen_at FROM runners WHERE id = $1", registered.id
+                )
+                if last_seen > connected_at:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await runner.close()
+
+
 async def test_metrics_and_healthz_answer_plain_http(broker: BrokerServer) -> None:
     """GET /metrics serves Prometheus text and /healthz says ok, on the same port."""
     base = f"http://127.0.0.1:{broker.port}"

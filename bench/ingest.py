@@ -46,6 +46,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from core import wire
 from core.database import database_url_from_env
 from core.logging import configure_logging
+from core.loop import run_event_loop
 from core.migrate import upgrade
 from core.settings import load_settings
 from core.tokens import hash_token, new_token
@@ -451,7 +452,8 @@ async def _count_events(url: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
     if arguments[:1] == ["--serve-broker"]:
-        asyncio.run(serve_broker(arguments[1]))
+        # The same loop as `runledger broker`: uvloop where installed.
+        run_event_loop(serve_broker(arguments[1]))
         return
 
     options = parse_options(arguments)

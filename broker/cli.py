@@ -15,6 +15,7 @@ from broker.server import BrokerServer
 from broker.settings import BrokerSettings
 from core.database import database_url_from_env
 from core.embedded import start_embedded_postgres
+from core.loop import run_event_loop
 from core.settings import env_name, load_settings
 
 # Set through the environment only: a fault for tests is no flag for people.
@@ -70,7 +71,7 @@ def run_broker(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         database_url = start_embedded_postgres()
-    asyncio.run(_serve(settings, database_url))
+    run_event_loop(_serve(settings, database_url))
     return 0
 
 

@@ -32,6 +32,7 @@ from core.database import connect, database_url_from_env, redact_url
 from core.embedded import start_embedded_postgres
 from core.errors import DatabaseError, RunledgerError
 from core.logging import configure_logging, get_logger
+from core.loop import run_event_loop
 from core.settings import env_name, load_settings
 
 log = get_logger("relay")
@@ -88,7 +89,7 @@ def _database_url() -> str:
 def run_relay(args: argparse.Namespace) -> int:
     """Run the standalone relay until SIGINT or SIGTERM."""
     settings = load_settings(RelaySettings, vars(args))
-    asyncio.run(_serve(settings, _database_url()))
+    run_event_loop(_serve(settings, _database_url()))
     return 0
 
 

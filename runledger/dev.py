@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from core.database import database_url_from_env
 from core.embedded import stop_embedded_postgres
+from core.loop import run_event_loop
 from runledger.database import resolve_database_url
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     url = resolve_database_url()
     migrate.upgrade(url)
     try:
-        return asyncio.run(_run_dev(args, url))
+        return run_event_loop(_run_dev(args, url))
     finally:
         # dev started the embedded server, so dev stops it; its data stays.
         if embedded:

@@ -23,6 +23,7 @@ from core.database import Queries, connect, database_url_from_env
 from core.embedded import start_embedded_postgres
 from core.errors import ConfigurationError, RunledgerError
 from core.logging import get_logger
+from core.loop import run_event_loop
 from core.settings import load_settings
 from core.tokens import hash_token, new_token
 from runner.daemon import Runner
@@ -101,7 +102,7 @@ def run_runner(args: argparse.Namespace) -> int:
             "the runner needs its token: pass --token or set RUNLEDGER_TOKEN "
             "(create one with `runledger runner add NAME`)"
         )
-    asyncio.run(serve(settings, sys.stdout if sys.stdout.isatty() else None))
+    run_event_loop(serve(settings, sys.stdout if sys.stdout.isatty() else None))
     return 0
 
 

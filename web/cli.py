@@ -9,6 +9,7 @@ import signal
 from core.database import database_url_from_env
 from core.errors import RunledgerError
 from core.logging import configure_logging, get_logger
+from core.loop import run_event_loop
 from core.settings import load_settings
 from web.settings import WebSettings
 
@@ -41,7 +42,7 @@ def run_web(args: argparse.Namespace) -> int:
             from core.embedded import start_embedded_postgres
 
             database_url = start_embedded_postgres()
-        asyncio.run(_serve(settings, database_url))
+        run_event_loop(_serve(settings, database_url))
     except RunledgerError as error:
         log.error("web.failed", error=str(error))
         print(f"runledger web: {error}")

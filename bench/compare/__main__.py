@@ -20,6 +20,7 @@ from bench.compare import brokers, ingest, legacy, limit, report, runner_link
 from bench.compare.measure import Result, Workload
 from bench.compare.scratch import drop_leftovers
 from core.logging import configure_logging
+from core.loop import run_event_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -194,7 +195,8 @@ def main() -> None:
     parser.add_argument("--no-plot", action="store_true", help="draw no plot")
     arguments = parser.parse_args()
     configure_logging("WARNING")
-    sys.exit(asyncio.run(run(arguments)))
+    # Every process of the benchmark runs on the same loop as the services.
+    sys.exit(run_event_loop(run(arguments)))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from bench.compare.processes import (
 )
 from bench.compare.scratch import scratch_database
 from core import wire
+from core.loop import run_event_loop
 
 FORWARD_WORKERS = 5
 RUNNER_WINDOW = 1000
@@ -225,4 +226,4 @@ if __name__ == "__main__":
     parser.add_argument("--sink-url", required=True)
     arguments = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(arguments.database_url, arguments.sink_url))
+        run_event_loop(_serve(arguments.database_url, arguments.sink_url))

@@ -16,6 +16,7 @@ import signal
 from typing import Any
 
 from core.logging import configure_logging
+from core.loop import run_event_loop
 from core.service import Service
 
 
@@ -60,7 +61,8 @@ def main() -> None:
     parser.add_argument("--settings", default="{}", help="JSON object of overrides")
     arguments = parser.parse_args()
     configure_logging("WARNING", json=True)
-    asyncio.run(
+    # The same loop as the `runledger` commands: uvloop where installed.
+    run_event_loop(
         _serve(arguments.kind, arguments.database_url, json.loads(arguments.settings))
     )
 

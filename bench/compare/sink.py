@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import contextlib
 
+from core.loop import run_event_loop
+
 OK_RESPONSE = (
     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n\r\nok"
 )
@@ -69,4 +71,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(parser.parse_args().port))
+        run_event_loop(_main(parser.parse_args().port))

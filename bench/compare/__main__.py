@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from bench.compare import brokers, ingest, legacy, limit, report, runner_link
 from bench.compare.measure import Result, Workload
@@ -171,12 +173,26 @@ async def run(arguments: argparse.Namespace) -> int:
         plot_path = arguments.plot or PLOT_PATH
         report.plot(
             plot_path,
-            results,
-            f"{events:,} events of 200 bytes over 100 commands, "
-            f"{context['cpus']} cores, {context['taken_at']}",
+            [result.as_dict() for result in results],
+            plot_title(context),
         )
         print(f"plot written to {plot_path}")
     return 1 if failures else 0
+
+
+def plot_title(context: dict[str, Any]) -> str:
+    """The plot's title: the workload and where and when it ran."""
+    return (
+        f"{context['events']:,} events of 200 bytes over 100 commands, "
+        f"{context['cpus']} cores, {context['taken_at']}"
+    )
+
+
+def replot(record: Path, plot_path: Path) -> None:
+    """Draw the plot of a recorded run again, without running anything."""
+    body = json.loads(record.read_text(encoding="utf-8"))
+    report.plot(plot_path, body["results"], plot_title(body["context"]))
+    print(f"plot written to {plot_path}")
 
 
 def main() -> None:
@@ -193,8 +209,17 @@ def main() -> None:
     )
     parser.add_argument("--plot", type=Path, help=f"plot path (default {PLOT_PATH})")
     parser.add_argument("--no-plot", action="store_true", help="draw no plot")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        metavar="JSON",
+        help="run nothing; draw the plot again from a recorded JSON file",
+    )
     arguments = parser.parse_args()
     configure_logging("WARNING")
+    if arguments.replot:
+        replot(arguments.replot, arguments.plot or PLOT_PATH)
+        return
     # Every process of the benchmark runs on the same loop as the services.
     sys.exit(run_event_loop(run(arguments)))
 

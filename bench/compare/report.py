@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,85 +228,97 @@ GROUP_COLOURS = {
 }
 
 
-def plot(path: Path, results: list[Result], title: str) -> None:
-    """Throughput of every scenario side by side, and the scale runs."""
+def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """Throughput of every scenario side by side, and the scale runs.
+
+    ``rows`` are results as :meth:`Result.as_dict` gives them (and as the
+    JSON record holds them), so a plot can be drawn again from a record.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = [r for r in results if r.group != "scale"]
-    scale = [r for r in results if r.group == "scale"]
+    main = [r for r in rows if r["group"] != "scale"]
+    scale = [r for r in rows if r["group"] == "scale"]
     figure, axes = plt.subplots(
         1,
         2 if scale else 1,
-        figsize=(14 if scale else 10, 6.5),
+        figsize=(15 if scale else 10, 7),
         squeeze=False,
         gridspec_kw={"width_ratios": [2, 1]} if scale else None,
     )
-    bars = axes[0][0]
-    labels = [f"{r.scenario}\n({r.durability})" for r in main]
-    values = [r.events_per_second for r in main]
-    colours = [GROUP_COLOURS.get(r.group, "#999999") for r in main]
-    positions = list(range(len(main)))[::-1]
+    _draw_bars(axes[0][0], main, title)
+    if scale:
+        _draw_scale(axes[0][1], scale)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _draw_bars(bars: Any, rows: list[dict[str, Any]], title: str) -> None:
+    labels = [
+        "\n".join(textwrap.wrap(r["scenario"], 40)) + f"\n({r['durability']})"
+        for r in rows
+    ]
+    values = [r["events_per_second"] for r in rows]
+    colours = [GROUP_COLOURS.get(r["group"], "#999999") for r in rows]
+    positions = list(range(len(rows)))[::-1]
     bars.barh(positions, values, color=colours)
-    bars.set_yticks(positions, labels, fontsize=7)
+    bars.set_yticks(positions, labels, fontsize=6.5)
     bars.set_xscale("log")
     bars.set_xlabel("events per second (log scale, higher is better)")
-    for position, result in zip(positions, main, strict=True):
+    for position, row in zip(positions, rows, strict=True):
+        latency = f"  p99 {row['p99_ms']:,.0f} ms" if row["latency_samples"] else ""
         bars.text(
-            result.events_per_second * 1.05,
+            row["events_per_second"] * 1.05,
             position,
-            f"{result.events_per_second:,.0f}/s"
-            + (f"  p99 {result.p99_ms:,.0f} ms" if result.latencies_ms else ""),
+            f"{row['events_per_second']:,.0f}/s{latency}",
             va="center",
             fontsize=7,
         )
     bars.set_xlim(right=max(values) * 8 if values else 1)
     bars.set_title(title, fontsize=9)
 
-    if scale:
-        lines = axes[0][1]
-        single = [r for r in scale if "2 brokers" not in r.scenario]
-        connections = [int(r.parameters.get("connections", 0)) for r in single]
-        lines.plot(
-            connections,
-            [r.events_per_second for r in single],
-            "o-",
-            color=GROUP_COLOURS["ingest"],
-            label="events/s (1 broker)",
-        )
-        for r in scale:
-            if "2 brokers" in r.scenario:
-                lines.plot(
-                    [int(r.parameters.get("connections", 0))],
-                    [r.events_per_second],
-                    "s",
-                    color="#762a83",
-                    label="events/s (2 brokers, 2 relays)",
-                )
-        lines.set_xscale("log")
-        lines.set_xlabel("runner connections")
-        lines.set_ylabel("events per second")
-        lines.set_ylim(bottom=0)
-        memory = lines.twinx()
-        memory.plot(
-            connections,
-            [r.peak_rss_mib for r in single],
-            "^--",
-            color="#999999",
-            label="peak MiB, all processes",
-        )
-        memory.set_ylabel("peak resident memory (MiB)")
-        memory.set_ylim(bottom=0)
-        handles = lines.get_legend_handles_labels()
-        extra = memory.get_legend_handles_labels()
-        lines.legend(
-            handles[0] + extra[0], handles[1] + extra[1], fontsize=7, loc="lower left"
-        )
-        lines.set_title("runledger ingest by runner connections", fontsize=9)
 
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+def _draw_scale(lines: Any, rows: list[dict[str, Any]]) -> None:
+    single = [r for r in rows if r["parameters"].get("brokers", 1) == 1]
+    connections = [int(r["parameters"].get("connections", 0)) for r in single]
+    lines.plot(
+        connections,
+        [r["events_per_second"] for r in single],
+        "o-",
+        color=GROUP_COLOURS["ingest"],
+        label="events/s, 1 broker",
+    )
+    for row in rows:
+        if row["parameters"].get("brokers", 1) > 1:
+            lines.plot(
+                [int(row["parameters"].get("connections", 0))],
+                [row["events_per_second"]],
+                "s",
+                color="#762a83",
+                label="events/s, 2 brokers + 2 relays",
+            )
+    lines.set_xscale("log")
+    lines.set_xlabel("runner connections")
+    lines.set_ylabel("events per second")
+    lines.set_ylim(bottom=0)
+
+    memory = lines.twinx()
+    memory.plot(
+        connections,
+        [r["processes"].get("broker", {}).get("peak_rss_mib", 0) for r in single],
+        "^--",
+        color="#999999",
+        label="peak MiB, broker",
+    )
+    memory.set_ylabel("broker's peak private memory (MiB)")
+    memory.set_ylim(bottom=0)
+    handles, labels = lines.get_legend_handles_labels()
+    extra_handles, extra_labels = memory.get_legend_handles_labels()
+    lines.legend(
+        handles + extra_handles, labels + extra_labels, fontsize=7, loc="lower right"
+    )
+    lines.set_title("runledger ingest by runner connections", fontsize=9)

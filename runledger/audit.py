@@ -2,9 +2,9 @@
 
 ``audit`` reads the audit views (see ``docs/auditing.md``) in one snapshot
 and prints the system totals, every runner, and each command that lost
-events, is dead, or has events pending longer than ``--stuck-after``. It
-exits 1 when there is any such command, so it can guard a deployment, and 0
-when there is none. ``--json`` prints the same figures for scripts.
+events, is dead, or is stuck longer than ``--stuck-after`` (events pending,
+or sent to its runner with no event back). It exits 1 when there is any such
+command, so it can guard a deployment, and 0 when there is none. ``--json`` prints the same figures for scripts.
 
 ``prune`` runs one retention pass (see :mod:`core.retention`) and says what
 it removed and what it kept and why.
@@ -74,8 +74,9 @@ class AuditResult:
             found.append(f"{self.dead} command{_plural(self.dead)} dead")
         if self.stuck:
             found.append(
-                f"{self.stuck} command{_plural(self.stuck)} with events pending "
-                f"longer than {format_duration(self.stuck_after)}"
+                f"{self.stuck} command{_plural(self.stuck)} stuck (events pending, "
+                f"or no answer from the runner) longer than "
+                f"{format_duration(self.stuck_after)}"
             )
         return found
 
@@ -311,10 +312,12 @@ def _problem_row(command: Mapping[str, Any]) -> tuple[str, ...]:
         details.append("output did not verify")
     if command["dead"] and command["last_delivery_error"]:
         details.append(f"last error: {command['last_delivery_error']}")
-    if command["stuck"]:
+    if command["stuck"] and command["oldest_pending_age"] is not None:
         details.append(
             f"oldest pending {format_duration(command['oldest_pending_age'])}"
         )
+    if command["unanswered"]:
+        details.append("sent to its runner, no event back")
     return (
         str(command["command_id"]),
         str(command["runner_name"]),
@@ -525,7 +528,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=DEFAULT_STUCK_AFTER_SECONDS,
         metavar="SECONDS",
-        help="events pending longer than this count as stuck (default 300)",
+        help="seconds after which pending events, or a command its runner has "
+        "not answered, count as stuck (default 300)",
     )
     audit.add_argument(
         "--limit",

@@ -408,8 +408,8 @@ async def test_audit_fails_and_names_lost_dead_and_stuck_commands(
     assert "dead" in lines[str(dead)] and "HTTP 410" in lines[str(dead)]
     assert "stuck" in lines[str(stuck)] and "oldest pending 10 min" in lines[str(stuck)]
     assert (
-        "FAILED: 1 command lost events; 1 command dead; 1 command with events "
-        "pending longer than 5 min"
+        "FAILED: 1 command lost events; 1 command dead; 1 command stuck "
+        "(events pending, or no answer from the runner) longer than 5 min"
     ) in out
 
 
@@ -425,6 +425,33 @@ async def test_audit_stuck_threshold_is_a_flag(
     relaxed = ["audit", "--quiet", "--stuck-after", "3600", "--database-url"]
     assert await run_cli([*relaxed, database_url]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+async def test_a_command_its_runner_never_answered_is_stuck(
+    pool: asyncpg.Pool, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dispatched long ago with no event back fails the audit as stuck."""
+    silent = await new_command(pool)
+    await pool.execute(
+        "UPDATE commands SET status = 'dispatched', "
+        "dispatched_at = now() - interval '10 minutes' WHERE id = $1",
+        silent,
+    )
+    just_sent = await new_command(pool)
+    await pool.execute(
+        "UPDATE commands SET status = 'dispatched', dispatched_at = now() "
+        "WHERE id = $1",
+        just_sent,
+    )
+
+    code = await run_cli(["audit", "--quiet", "--database-url", database_url])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "stuck" in lines[str(silent)]
+    assert "no event back" in lines[str(silent)]
+    assert str(just_sent) not in lines
 
 
 async def test_audit_json_is_for_scripts(

@@ -20,7 +20,7 @@ from core.settings import env_name, load_settings
 
 # Set through the environment only: a fault for tests is no flag for people.
 _NOT_FLAGS = ("fault_crash_before_acknowledge",)
-_FLAG_NAMES = {"run_relay": "--with-relay"}
+_FLAG_NAMES = {"run_relay": "--with-relay", "run_retention": "--with-retention"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,6 +88,8 @@ async def _serve(settings: BrokerSettings, database_url: str) -> None:
         print(
             "runledger broker: the outbox relay runs in this process", file=sys.stderr
         )
+    if settings.run_retention:
+        print("runledger broker: retention runs in this process", file=sys.stderr)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -32,6 +32,7 @@ from core import wire
 from core.database import create_pool, redact_url
 from core.logging import get_logger
 from core.service import Service
+from core.settings import load_settings
 from core.tokens import hash_token, token_matches
 
 log = get_logger("broker")
@@ -75,6 +76,7 @@ class BrokerServer:
         ] = weakref.WeakKeyDictionary()
         self._background: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
 
     @property
     def sessions(self) -> list[RunnerSession]:
@@ -114,6 +116,12 @@ class BrokerServer:
         self.port = sockets[0].getsockname()[1]
 
         self._heartbeat = asyncio.create_task(self._mark_runners_seen())
+        if settings.run_retention:
+            from core.retention import RetentionSettings, run_retention_loop
+
+            self._retention = asyncio.create_task(
+                run_retention_loop(self._pool, load_settings(RetentionSettings))
+            )
 
         if settings.run_relay:
             self._relay = _make_relay(self.database_url, self._relay_settings)
@@ -129,11 +137,12 @@ class BrokerServer:
     async def stop(self) -> None:
         """Close connections, commit what is queued, release Postgres."""
         timeout = self.settings.stop_timeout
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
+        for task in (self._heartbeat, self._retention):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._heartbeat = self._retention = None
         if self._relay is not None:
             await self._relay.stop()
             self._relay = None
@@ -335,7 +344,6 @@ def _make_relay(database_url: str, relay_settings: Any) -> Service:
     """The outbox relay, imported only when this process is to run it."""
     from broker.relay import Relay
     from broker.relay_settings import RelaySettings
-    from core.settings import load_settings
 
     if relay_settings is None:
         relay_settings = load_settings(RelaySettings)

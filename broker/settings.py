@@ -91,6 +91,11 @@ class BrokerSettings:
         "Also run the outbox relay in this process (--with-relay); it reads its "
         "own RUNLEDGER_* settings, RUNLEDGER_SIGNING_SECRET among them.",
     )
+    run_retention: bool = setting(
+        False,
+        "Also prune events of old, finished, fully delivered commands on a "
+        "schedule; reads the RUNLEDGER_RETENTION_* settings (see runledger prune).",
+    )
     fault_crash_before_acknowledge: int = setting(
         0,
         "Tests only: drop this many connections after their events commit "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import asyncpg
 import httpx
@@ -14,8 +15,9 @@ from broker.relay_settings import RelaySettings
 from broker.server import BrokerServer
 from core.commands import request_cancel
 from tests.broker.conftest import RunnerWithCommand, StartBroker
-from tests.broker.wire_client import WireRunner, output_event
+from tests.broker.wire_client import WireRunner, output_event, poll_until
 from tests.conftest import create_command, register_runner
+from tests.core.test_retention import delivered_command
 
 
 async def test_hello_names_the_runner_epoch_and_limits(
@@ -95,6 +97,29 @@ async def test_connected_runners_are_marked_seen_while_connected(
                 await asyncio.sleep(0.1)
     finally:
         await runner.close()
+
+
+async def test_the_broker_prunes_on_a_schedule_when_asked(
+    start_broker: StartBroker, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With run_retention, old finished and delivered commands are pruned."""
+    monkeypatch.setenv("RUNLEDGER_RETENTION_INTERVAL", "0.2")
+    old = await delivered_command(pool, events=5, age=timedelta(days=60))
+    recent = await delivered_command(pool, events=5, age=timedelta(days=1))
+
+    await start_broker(run_retention=True)
+
+    async def old_events_gone() -> bool:
+        remaining = await pool.fetchval(
+            "SELECT count(*) FROM events WHERE command_id = $1", old
+        )
+        return bool(remaining == 0)
+
+    await poll_until(old_events_gone)
+    assert (
+        await pool.fetchval("SELECT count(*) FROM events WHERE command_id = $1", recent)
+        == 5
+    )
 
 
 async def test_metrics_and_healthz_answer_plain_http(broker: BrokerServer) -> None:

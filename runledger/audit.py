@@ -4,7 +4,8 @@
 and prints the system totals, every runner, and each command that lost
 events, is dead, or is stuck longer than ``--stuck-after`` (events pending,
 or sent to its runner with no event back). It exits 1 when there is any such
-command, so it can guard a deployment, and 0 when there is none. ``--json`` prints the same figures for scripts.
+command, so it can guard a deployment, and 0 when there is none. ``--json``
+prints the same figures for scripts.
 
 ``prune`` runs one retention pass (see :mod:`core.retention`) and says what
 it removed and what it kept and why.

@@ -96,11 +96,3 @@ def load_settings(
     if callable(validate):
         validate()
     return settings
-
-
-def describe(cls: type) -> list[tuple[str, str, Any]]:
-    """(variable, description, default) for each field, for help and docs."""
-    return [
-        (env_name(f.name), f.metadata.get("doc", ""), f.default)
-        for f in dataclasses.fields(cls)
-    ]

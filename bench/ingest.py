@@ -38,16 +38,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 from websockets.asyncio.client import ClientConnection, connect
 
+from bench.scratch import create_database, drop_database
 from core import wire
 from core.database import database_url_from_env
 from core.logging import configure_logging
 from core.loop import run_event_loop
-from core.migrate import upgrade
 from core.settings import load_settings
 from core.tokens import hash_token, new_token
 
@@ -94,29 +93,10 @@ def parse_options(argv: list[str] | None = None) -> Options:
 # Scratch database
 
 
-def _with_database(url: str, name: str) -> str:
-    return urlunparse(urlparse(url)._replace(path="/" + name))
-
-
-async def _admin(url: str, statement: str) -> None:
-    connection = await asyncpg.connect(url)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
 def scratch_database(server_url: str) -> tuple[str, str]:
     """Create and migrate a fresh database; return (name, url)."""
     name = f"runledger_bench_ingest_{os.getpid()}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    url = _with_database(server_url, name)
-    upgrade(url)
-    return name, url
-
-
-def drop_database(server_url: str, name: str) -> None:
-    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return name, asyncio.run(create_database(server_url, name))
 
 
 # Raw limit
@@ -468,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         end_to_end = asyncio.run(measure_end_to_end(url, options))
         raw_after = asyncio.run(measure_raw(url, options))
     finally:
-        drop_database(server_url, name)
+        asyncio.run(drop_database(server_url, name))
 
     # The machine may be shared; its load says how far to trust the figures.
     load = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}

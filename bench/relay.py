@@ -39,13 +39,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 
+from bench.scratch import create_database, drop_database
 from core.commands import EVENTS_CHANNEL
 from core.database import database_url_from_env
-from core.migrate import upgrade
 from tests.broker.relay_harness import SECRET, TestSink, running_sink
 
 RESULTS = Path(__file__).parent / "results" / "relay.json"
@@ -96,25 +95,10 @@ def parse_options(argv: list[str]) -> Options:
 # Scratch database
 
 
-async def _admin(server_url: str, statement: str) -> None:
-    connection = await asyncpg.connect(server_url)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
 def create_scratch_database(server_url: str, purpose: str) -> tuple[str, str]:
     """A fresh, migrated database; returns (name, url)."""
     name = f"runledger_bench_relay_{purpose}_{os.getpid()}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    url = urlunparse(urlparse(server_url)._replace(path="/" + name))
-    upgrade(url)
-    return name, url
-
-
-def drop_scratch_database(server_url: str, name: str) -> None:
-    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return name, asyncio.run(create_database(server_url, name))
 
 
 # Storing events
@@ -311,7 +295,7 @@ def run(server_url: str, purpose: str, measure: Any) -> dict[str, Any]:
         result: dict[str, Any] = asyncio.run(measure(url))
         return result
     finally:
-        drop_scratch_database(server_url, name)
+        asyncio.run(drop_database(server_url, name))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,16 +8,14 @@ nothing, migrated with the project's alembic revisions, and dropped with
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 
-from core.migrate import upgrade
+from bench.scratch import create_database, drop_database
 
 SERVER_URL = os.environ.get(
     "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -26,33 +24,17 @@ PREFIX = "runledger_compare_"
 _numbers = itertools.count(1)
 
 
-def database_url(name: str, server_url: str = SERVER_URL) -> str:
-    """The URL of database ``name`` on the same server."""
-    return urlunparse(urlparse(server_url)._replace(path="/" + name))
-
-
-async def _admin(server_url: str, statement: str) -> None:
-    connection = await asyncpg.connect(server_url)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
 @asynccontextmanager
 async def scratch_database(
     label: str, server_url: str = SERVER_URL
 ) -> AsyncIterator[tuple[str, str]]:
     """Yield (name, url) of a fresh migrated database; drop it afterwards."""
     name = f"{PREFIX}{os.getpid()}_{next(_numbers)}_{label}"
-    await _admin(server_url, f'CREATE DATABASE "{name}"')
+    url = await create_database(server_url, name)
     try:
-        url = database_url(name, server_url)
-        # alembic runs its own event loop, so it gets a thread of its own.
-        await asyncio.to_thread(upgrade, url)
         yield name, url
     finally:
-        await _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await drop_database(server_url, name)
 
 
 async def drop_leftovers(server_url: str = SERVER_URL) -> list[str]:
@@ -75,7 +57,7 @@ async def drop_leftovers(server_url: str = SERVER_URL) -> list[str]:
         pid_text = name[len(PREFIX) :].split("_", 1)[0]
         if not pid_text.isdigit() or _alive(int(pid_text)):
             continue
-        await _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await drop_database(server_url, name)
         dropped.append(name)
     return dropped
 
